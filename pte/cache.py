@@ -1,0 +1,173 @@
+"""Bounded KV cache: a fixed prompt block plus a thinking window with chunked eviction (DESIGN 3.1-3.2).
+
+Every row of a batch has the same slot layout ``[prompt block: P slots][thinking window: <= W slots]``.
+Prompts are left-padded to P; pad slots are masked and never evicted. When appending would push the
+window past W, the oldest ``e = ceil(evict_ratio * W)`` thinking slots are removed at once (an eviction
+*event*). Rows decode in lockstep, so events happen at the same step for every row and the schedule
+depends only on (W, e): the window fills after W tokens and then every e tokens.
+
+Positions are absolute: each slot remembers the RoPE position it was rotated with, and new tokens
+continue at their true index (``prompt_len_b + t``), never at the (shrunken) cache length.
+Attention masks are built here as explicit 4-D masks over the slots, so padding stays correct after
+any eviction; HF receives them as-is.
+
+The HF ``DynamicCache`` does the appending inside the attention layers; this module only removes
+slots from it. It knows nothing about sampling, adapters or the thought state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from pte.config import CacheConfig
+
+__all__ = ["BoundedCache", "CachePlan", "Evicted", "event_steps", "plan_cache", "slot_attention_mask"]
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The resolved cache layout of one batch."""
+
+    prompt_len: int  # P: padded prompt block
+    window: int | None  # W: thinking slots (None = unbounded, full cache)
+    evict: int  # e: thinking tokens removed per event (0 when unbounded)
+
+    @property
+    def capacity(self) -> int | None:
+        """Total slots P + W (None = unbounded)."""
+        return None if self.window is None else self.prompt_len + self.window
+
+
+def plan_cache(cfg: CacheConfig, prompt_len: int) -> CachePlan:
+    """Resolve ``cfg`` for a batch whose padded prompt block has ``prompt_len`` tokens."""
+    window = cfg.thinking_window(prompt_len)
+    if window is None:
+        return CachePlan(prompt_len, None, 0)
+    return CachePlan(prompt_len, window, cfg.evict_count(window))
+
+
+def event_steps(plan: CachePlan, num_fed: int) -> list[int]:
+    """Indices j of generated tokens before whose append an eviction event happens.
+
+    Feeding generated tokens ``0 .. num_fed-1`` one at a time into a window of W slots evicts before
+    token W, W+e, W+2e, ... . This is the pure schedule that rollout and replay share.
+    """
+    if plan.window is None:
+        return []
+    return list(range(plan.window, num_fed, plan.evict))
+
+
+def slot_attention_mask(key_valid: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Boolean attention mask for ``num_new`` new tokens appended after the existing slots.
+
+    Args:
+        key_valid: ``[B, S]`` bool, the validity of every slot *including* the ``num_new`` new ones at the end.
+        num_new: number of query tokens (the last ``num_new`` slots).
+
+    Returns:
+        ``[B, 1, num_new, S]`` bool (True = attend): each query sees every valid earlier slot and the new slots
+        up to itself (causal inside the chunk). A query always sees itself, so padded queries never produce
+        NaNs whose K/V would then poison the cache.
+    """
+    bsz, total = key_valid.shape
+    past = total - num_new
+    q = torch.arange(num_new, device=key_valid.device).unsqueeze(1) + past  # [q, 1] slot index of each query
+    k = torch.arange(total, device=key_valid.device).unsqueeze(0)  # [1, S]
+    causal = k <= q  # [q, S]
+    mask = causal.unsqueeze(0) & key_valid.unsqueeze(1)  # [B, q, S]
+    mask = mask | (k == q).unsqueeze(0)
+    return mask.unsqueeze(1)
+
+
+@dataclass
+class Evicted:
+    """Keys/values removed by one eviction event."""
+
+    keys: list[torch.Tensor]  # L x [B, H_kv, e, D], post-RoPE (as cached)
+    values: list[torch.Tensor]  # L x [B, H_kv, e, D]
+    positions: torch.Tensor  # [B, e] RoPE position each evicted key was rotated with
+
+
+class BoundedCache:
+    """Slot bookkeeping around an HF ``DynamicCache`` for one batch.
+
+    Args:
+        plan: the resolved layout.
+        prompt_mask: ``[B, P]`` 1 for real prompt tokens, 0 for left padding.
+    """
+
+    def __init__(self, plan: CachePlan, prompt_mask: torch.Tensor):
+        bsz, p = prompt_mask.shape
+        assert p == plan.prompt_len, (p, plan.prompt_len)
+        self.plan = plan
+        self.hf = DynamicCache()
+        self.prompt_lengths = prompt_mask.sum(-1).long()  # [B]
+        self._valid = prompt_mask.bool()  # [B, S] for the slots described so far
+        # HF convention for left padding: real tokens at positions 0..len-1, pads at 1 (masked anyway).
+        self._pos = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)  # [B, S]
+        self.num_thinking = 0
+        self.num_events = 0
+        self.max_slots = 0
+
+    @property
+    def prompt_positions(self) -> torch.Tensor:
+        """``[B, P]`` RoPE positions of the prompt block."""
+        return self._pos[:, : self.plan.prompt_len]
+
+    @property
+    def num_slots(self) -> int:
+        return self._valid.shape[1]
+
+    def positions_for(self, gen_index: torch.Tensor | int, count: int) -> torch.Tensor:
+        """``[B, count]`` absolute positions of generated tokens ``gen_index .. gen_index+count-1``."""
+        offs = torch.arange(count, device=self._pos.device) + gen_index
+        return self.prompt_lengths.unsqueeze(1) + offs.unsqueeze(0)
+
+    def needs_eviction(self, num_new: int) -> bool:
+        """Whether appending ``num_new`` thinking tokens requires an eviction event first."""
+        return self.plan.window is not None and self.num_thinking + num_new > self.plan.window
+
+    def extend(self, positions: torch.Tensor) -> torch.Tensor:
+        """Describe ``positions.shape[1]`` new thinking slots (the model appends their K/V) and return their mask.
+
+        Args:
+            positions: ``[B, n]`` absolute positions of the new tokens.
+
+        Returns:
+            ``[B, 1, n, S]`` bool attention mask for the forward that appends them.
+        """
+        n = positions.shape[1]
+        if self.plan.window is not None and self.num_thinking + n > self.plan.window:
+            raise RuntimeError(f"appending {n} tokens overflows the thinking window "
+                               f"({self.num_thinking}/{self.plan.window}); evict first")
+        self._valid = torch.cat([self._valid, self._valid.new_ones(self._valid.shape[0], n)], dim=1)
+        self._pos = torch.cat([self._pos, positions.to(self._pos)], dim=1)
+        self.num_thinking += n
+        self.max_slots = max(self.max_slots, self.num_slots)
+        return slot_attention_mask(self._valid, n)
+
+    def prefill_mask(self) -> torch.Tensor:
+        """``[B, 1, P, P]`` attention mask of the prompt-block forward."""
+        self.max_slots = max(self.max_slots, self.num_slots)
+        return slot_attention_mask(self._valid, self.plan.prompt_len)
+
+    def evict(self) -> Evicted:
+        """Remove the oldest ``e`` thinking slots from every layer and return what left."""
+        p, e = self.plan.prompt_len, min(self.plan.evict, self.num_thinking)
+        assert e > 0, "nothing to evict"
+        keys, values = [], []
+        for layer in self.hf.layers:
+            k, v = layer.keys, layer.values
+            keys.append(k[:, :, p : p + e])
+            values.append(v[:, :, p : p + e])
+            layer.keys = torch.cat([k[:, :, :p], k[:, :, p + e :]], dim=2)
+            layer.values = torch.cat([v[:, :, :p], v[:, :, p + e :]], dim=2)
+        positions = self._pos[:, p : p + e]
+        self._valid = torch.cat([self._valid[:, :p], self._valid[:, p + e :]], dim=1)
+        self._pos = torch.cat([self._pos[:, :p], self._pos[:, p + e :]], dim=1)
+        self.num_thinking -= e
+        self.num_events += 1
+        return Evicted(keys, values, positions)

@@ -1,0 +1,316 @@
+"""Typed, frozen configuration: one dataclass per concern, loaded from ``params.yaml``.
+
+``load_params`` is the only YAML reader in the package. Every section of the file maps to one
+dataclass with the same field names; unknown sections or keys and values of the wrong type or out of
+range raise ``ValueError`` naming the key, the value and what is allowed. Derived quantities are
+methods, never extra YAML keys.
+
+This module knows nothing about models, tensors or the pipeline stages that consume it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "AdapterConfig",
+    "BaseConfig",
+    "CacheConfig",
+    "ModelConfig",
+    "Params",
+    "PTEConfig",
+    "SamplingConfig",
+    "load_params",
+    "params_from_dict",
+]
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"params: `{key}` = {value!r} is invalid; allowed: {allowed}.")
+
+
+def _check_range(key: str, value: float | int | None, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    if value is None:
+        return
+    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+        hi is not None and (value > hi or (hi_open and value == hi)))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        _fail(key, value, f"a number in {left}{lo_s}, {hi_s}{right}")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Settings shared by every stage."""
+
+    seed: int = 0
+    """The one seed of a run; every generator is derived from it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how."""
+
+    source: str = "random:llama-tiny"
+    """HF hub id, local HF directory, a ``.gguf`` file, ``pkg://<package>/<file>.gguf`` (a file shipped in an
+    installed package, located without importing it), or ``random:<preset>`` (random weights from a built-in
+    architecture, for tests and memory benchmarks)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights and activations dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel of the HF model."""
+    revision: str | None = None
+    """Pinned revision for hub models (ignored for local sources)."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The bounded KV cache (DESIGN 3.1): a prompt block plus a thinking window with chunked eviction.
+
+    Set at most one of ``window`` and ``budget``; with neither, the cache is full (no eviction).
+    """
+
+    window: int | Literal["auto"] | None = "auto"
+    """Thinking-window slots W. ``auto`` = the padded prompt length of the micro-batch (the paper's
+    training setting); ``null`` = full cache (unless ``budget`` is set)."""
+    budget: int | None = None
+    """Total slots P + W (the paper's evaluation "cache size"); W = budget - P per batch."""
+    evict_ratio: float = 0.25
+    """Fraction of the window evicted at once when it overflows: ceil(evict_ratio * W) tokens."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, int) and self.window < 1:
+            _fail("cache.window", self.window, "an integer >= 1, 'auto', or null for a full cache")
+        if self.budget is not None and self.budget < 2:
+            _fail("cache.budget", self.budget, "an integer >= 2 (prompt + at least one thinking slot), or null")
+        _check_range("cache.evict_ratio", self.evict_ratio, 0.0, 1.0, lo_open=True)
+        if self.budget is not None and self.window is not None:
+            raise ValueError(
+                f"params: `cache.window` = {self.window!r} and `cache.budget` = {self.budget!r} are both set; "
+                "set one of them and the other to null.")
+
+    @property
+    def is_full(self) -> bool:
+        """True when nothing is ever evicted."""
+        return self.window is None and self.budget is None
+
+    def thinking_window(self, prompt_len: int) -> int | None:
+        """Thinking slots W for a batch whose padded prompt block has ``prompt_len`` tokens (None = unbounded)."""
+        if self.budget is not None:
+            w = self.budget - prompt_len
+            if w < 1:
+                raise ValueError(
+                    f"cache.budget = {self.budget} leaves no room for thinking tokens after a prompt block of "
+                    f"{prompt_len} tokens; raise the budget above {prompt_len} or shorten the prompts.")
+            return w
+        if self.window == "auto":
+            return max(1, prompt_len)
+        return self.window
+
+    def evict_count(self, window: int) -> int:
+        """Tokens evicted per event for a thinking window of ``window`` slots."""
+        return max(1, min(window, math.ceil(self.evict_ratio * window - 1e-9)))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Adapter shape shared by LoRA baselines and PTE, so the comparison is fair (DESIGN 3.4)."""
+
+    rank: int = 32
+    """r: LoRA rank, and the latent rank of the PTE state."""
+    alpha: float = 32.0
+    """Scaling numerator; the adapter output is multiplied by alpha / rank."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Linear layers (by attribute name) that receive the adapter."""
+    dropout: float = 0.0
+    """LoRA dropout (peft baselines only)."""
+
+    def __post_init__(self) -> None:
+        _check_range("adapter.rank", self.rank, 1)
+        _check_range("adapter.alpha", self.alpha, 0.0, lo_open=True)
+        _check_range("adapter.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        if not self.target_modules:
+            _fail("adapter.target_modules", self.target_modules, "a non-empty list of linear layer names")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class PTEConfig:
+    """Thought-state encoder settings (DESIGN 3.3)."""
+
+    global_tokens: int = 32
+    """G: number of learnable global tokens (rows of the state S)."""
+    per_layer_globals: bool = False
+    """One set of global tokens per decoder layer instead of one shared set."""
+    normalize: Literal["accumulate", "recursive"] = "accumulate"
+    """``accumulate``: S = Norm(S_g + sum of event states) (Fig. 2); ``recursive``: S <- Norm(S + S'_e) (the text)."""
+    event_updates: bool = True
+    """False = the Global-Only ablation: S stays Norm(S_g), evictions never update it."""
+    use_global_state: bool = True
+    """False = the #Global-0 ablation: the S_g term is dropped (S starts at 0)."""
+    eps: float = 1e-6
+    """Epsilon of the row-wise L2 normalisation."""
+
+    def __post_init__(self) -> None:
+        _check_range("pte.global_tokens", self.global_tokens, 1)
+        _check_range("pte.eps", self.eps, 0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings for rollouts, evaluation and ``pte generate``."""
+
+    max_new_tokens: int = 256
+    """Generated tokens per sequence at most."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _check_range("sampling.max_new_tokens", self.max_new_tokens, 1)
+        _check_range("sampling.temperature", self.temperature, 0.0)
+        _check_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_range("sampling.top_k", self.top_k, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Params:
+    """All sections of ``params.yaml``."""
+
+    base: BaseConfig = field(default_factory=BaseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    pte: PTEConfig = field(default_factory=PTEConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data (tuples become lists), for logging and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp``, or ``_NO`` when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin is Literal:
+        return value if value in typing.get_args(tp) and not isinstance(value, bool) else _NO
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        items = [_coerce(v, item_tp) for v in value]
+        return _NO if any(i is _NO for i in items) else tuple(items)
+    if tp is type(None):
+        return None if value is None else _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
+    """Build the dataclass ``cls`` from the mapping ``data`` of section ``section``, validating every key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(section, data, f"a mapping with keys {[f.name for f in dataclasses.fields(cls)]}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"params: unknown key `{section}.{key}`; known keys of `{section}`: {sorted(names)}.")
+    kwargs = {}
+    for key, value in data.items():
+        out = _coerce(value, hints[key])
+        if out is _NO:
+            _fail(f"{section}.{key}", value, _type_name(hints[key]))
+        kwargs[key] = out
+    return cls(**kwargs)
+
+
+def params_from_dict(data: dict[str, Any] | None) -> Params:
+    """Validate a parsed ``params.yaml`` mapping and build ``Params``."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"params: the top level must be a mapping of sections, got {type(data).__name__}.")
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    hints = typing.get_type_hints(Params)
+    for name in data:
+        if name not in sections:
+            raise ValueError(f"params: unknown section `{name}`; known sections: {sorted(sections)}.")
+    return Params(**{name: section_from_dict(hints[name], data[name], name) for name in data})
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params YAML file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown section or key, or a value of the wrong type or range (the message names it).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {str(path)!r} not found; pass --params PATH to an existing YAML file.")
+    with path.open() as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
+    return params_from_dict(data)

@@ -1,0 +1,193 @@
+"""Batched sampling under the bounded cache, updating the thought state at every eviction event (DESIGN 3.5).
+
+One decode loop serves training rollouts, evaluation, ``pte generate`` and the MLflow predictor:
+prefill the left-padded prompt block, then one token per step for every row in lockstep. Before a
+token is appended to a full thinking window, the oldest ``e`` thinking slots are evicted; with a PTE
+adapter their keys/values update the state S, which the adapter uses from the next forward on.
+Rows stop at their own EOS (later tokens are padding and masked; finished rows never update state).
+Memory is O(B (P + W)) for the cache plus O(L G r) for the state, whatever the generation length.
+
+Returned log-probs are ``log_softmax(logits / temperature)`` of the chosen token (no top-k/top-p
+truncation, 1.0 for greedy), the quantity GRPO's ratio needs and replay recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pte.adapters import find_pte
+from pte.cache import BoundedCache, CachePlan, plan_cache
+from pte.config import CacheConfig, SamplingConfig
+
+__all__ = ["Rollout", "format_mask", "generate", "model_forward", "sample_tokens"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """A batch of generations and what the cache did while producing them."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P] 1 = real prompt token
+    tokens: torch.Tensor  # [B, T] generated tokens (pad after EOS)
+    logprobs: torch.Tensor  # [B, T] fp32 log-prob of each token under the sampling distribution (temperature only)
+    mask: torch.Tensor  # [B, T] 1 for generated tokens up to and including EOS
+    finished: torch.Tensor  # [B] bool: ended with EOS (False = cut at max_new_tokens)
+    num_evictions: torch.Tensor  # [B] eviction events while the row was still generating
+    event_steps: list[int]  # generated-token indices j before whose append an eviction event happened
+    max_cache_tokens: int  # most KV slots held at once (P + W when the window filled)
+    plan: CachePlan  # the resolved cache layout
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[B]`` generated tokens per row (EOS included)."""
+        return self.mask.sum(-1)
+
+
+def format_mask(mask: torch.Tensor, model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = attend) -> the form the model's attention kernel takes (additive float for eager)."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def model_forward(model: nn.Module, cache: BoundedCache, input_ids: torch.Tensor, positions: torch.Tensor,
+                  mask: torch.Tensor | None, logits_to_keep: int = 0) -> torch.Tensor:
+    """One forward that appends ``input_ids`` to the cache.
+
+    Args:
+        input_ids: ``[B, n]``. positions: ``[B, n]`` absolute RoPE positions.
+        mask: ``[B, 1, n, S]`` bool from the cache, or None when every slot is visible to a single query.
+        logits_to_keep: 0 = logits for all n tokens, k = only the last k.
+
+    Returns:
+        ``[B, n or k, V]`` logits.
+    """
+    dtype = next(model.parameters()).dtype
+    attn = None if mask is None else format_mask(mask, model, dtype)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache.hf,
+                use_cache=True, logits_to_keep=logits_to_keep)
+    return out.logits
+
+
+def _filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering (HF semantics: keep the smallest set whose mass reaches top_p)."""
+    if top_k > 0 and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(scaled, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) >= top_p  # mass *before* this token already reaches top_p
+        remove[..., 0] = False
+        scaled = scaled.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return scaled
+
+
+def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token of every row.
+
+    Args:
+        logits: ``[B, V]`` float32.
+
+    Returns:
+        tokens ``[B]`` and their log-probs ``[B]`` under ``softmax(logits / temperature)`` (temperature 1 when greedy).
+    """
+    if cfg.greedy:
+        tokens = logits.argmax(-1)
+        logp = torch.log_softmax(logits, -1)
+    else:
+        scaled = logits / cfg.temperature
+        logp = torch.log_softmax(scaled, -1)
+        probs = _filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if prompt_len >= limit:
+        raise ValueError(f"the prompt has {prompt_len} tokens but the model's context is {limit} "
+                         "(config.max_position_embeddings); shorten the prompt.")
+    if prompt_len + max_new_tokens > limit:
+        log.warning("prompt (%d) + max_new_tokens (%d) exceeds the model's trained context (%d): positions past it "
+                    "are out of distribution for RoPE even though the bounded cache keeps memory flat.",
+                    prompt_len, max_new_tokens, limit)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache_cfg: CacheConfig,
+             sampling: SamplingConfig, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int,
+             generator: torch.Generator | None = None, progress: bool = False) -> Rollout:
+    """Sample continuations of a left-padded prompt batch under the bounded cache.
+
+    Args:
+        model: an HF causal LM (Llama / Qwen2 / Qwen3), optionally with a PTE or peft LoRA adapter.
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts and their mask.
+        cache_cfg: window / budget / evict ratio (full cache when neither window nor budget is set).
+        sampling: max_new_tokens, temperature (0 = greedy), top_p, top_k.
+        eos_token_ids: tokens that end a row. pad_token_id: filler after a row ended.
+        generator: explicit RNG for sampling (reproducible rollouts).
+        progress: show a progress bar over generated tokens.
+
+    Returns:
+        A :class:`Rollout`.
+    """
+    bsz, p = prompt_ids.shape
+    if p == 0 or bool((prompt_mask.sum(-1) == 0).any()):
+        raise ValueError("every prompt needs at least one token")
+    _check_context(model, p, sampling.max_new_tokens)
+    plan = plan_cache(cache_cfg, p)
+    cache = BoundedCache(plan, prompt_mask)
+    pte = find_pte(model)
+    device = prompt_ids.device
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    padded = bool((prompt_mask == 0).any())
+    n_max = sampling.max_new_tokens
+
+    tokens = torch.full((bsz, n_max), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(bsz, n_max, dtype=torch.float32, device=device)
+    mask = torch.zeros(bsz, n_max, dtype=torch.long, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    evictions = torch.zeros(bsz, dtype=torch.long, device=device)
+    events: list[int] = []
+
+    if pte is not None:
+        pte.begin(bsz)
+    try:
+        logits = model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1)
+        from tqdm.auto import tqdm
+
+        steps = tqdm(range(n_max), desc="generate", unit="tok", disable=not progress, leave=False)
+        for t in steps:
+            tok, lp = sample_tokens(logits[:, -1].float(), sampling, generator)
+            tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+            tokens[:, t], logprobs[:, t] = tok, torch.where(done, torch.zeros_like(lp), lp)
+            mask[:, t] = (~done).long()
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or t == n_max - 1:
+                break
+            if cache.needs_eviction(1):
+                evicted = cache.evict()
+                events.append(t)
+                evictions += (~done).long()
+                if pte is not None:
+                    pte.observe_eviction(evicted, ~done)
+            step_mask = cache.extend(cache.positions_for(t, 1))
+            logits = model_forward(model, cache, tok.unsqueeze(1), cache.positions_for(t, 1),
+                                   step_mask if padded else None, 1)
+        steps.close()
+    finally:
+        if pte is not None:
+            pte.end()
+    length = int(mask.sum(-1).max())
+    return Rollout(prompt_ids, prompt_mask, tokens[:, :length], logprobs[:, :length], mask[:, :length], done,
+                   evictions, events, cache.max_slots, plan)

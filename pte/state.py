@@ -1,0 +1,197 @@
+"""The thought encoder: evicted keys/values -> a fixed-size per-layer state S (paper Eq. 4, DESIGN 3.3).
+
+Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
+
+* global tokens ``h_g`` (G x d_model, shared across layers by default) pass through the layer's frozen
+  ``input_layernorm`` and frozen ``W_Q, W_K, W_V`` (no RoPE) giving ``q_g, k_g, v_g``;
+* ``S_g = (q_g Wa_Q)(k_g Wa_K)^T (v_g Wa_V) / (sqrt(r) G)``                     (global state)
+* ``S'_e = (q_g Wa_Q)(K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)`` for m evicted tokens  (event state)
+  with ``K_e`` un-rotated to pre-RoPE keys and KV heads flattened (``d_kv = H_kv * D``);
+* ``S = Normalize(S_g + sum_e S'_e)`` (row-wise L2 over r); ``recursive`` uses ``S <- Normalize(S + S'_e)``.
+
+No softmax: the paper's form is linear. Evicted K/V enter detached. The pure functions below are the
+math; :class:`ThoughtEncoder` holds the trainable parameters and :class:`ThoughtState` the per-batch
+running state. This module knows nothing about caches or sampling; it only needs the model's layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pte.config import PTEConfig
+
+__all__ = [
+    "ThoughtEncoder",
+    "ThoughtState",
+    "event_state",
+    "flatten_heads",
+    "global_state",
+    "normalize_rows",
+    "unrotate_keys",
+]
+
+
+def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo rotary embedding: the inverse of ``k * cos + rotate_half(k) * sin``.
+
+    RoPE rotates each (i, i + D/2) pair by the angle of its position, an orthogonal map (times the
+    rope type's ``attention_scaling`` s, present in cos and sin). Rotating back by the same angle and
+    dividing by ``cos^2 + sin^2 = s^2`` recovers the pre-RoPE key exactly.
+
+    Args:
+        keys: ``[B, H, T, D]`` rotated keys.
+        cos, sin: ``[B, T, D]`` from the model's rotary embedding at the keys' positions.
+
+    Returns:
+        ``[B, H, T, D]`` pre-RoPE keys.
+    """
+    cos, sin = cos.unsqueeze(1).to(keys.dtype), sin.unsqueeze(1).to(keys.dtype)
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)  # rotate_half
+    return (keys * cos - rotated * sin) / (cos * cos + sin * sin)
+
+
+def flatten_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D] -> [B, T, H*D]``, head-major: the layout of the ``k_proj``/``v_proj`` output."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def normalize_rows(s: torch.Tensor, eps: float) -> torch.Tensor:
+    """Row-wise L2 normalisation over the last (rank) dimension."""
+    return s / s.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def global_state(qa: torch.Tensor, ka: torch.Tensor, va: torch.Tensor) -> torch.Tensor:
+    """``S_g = qa ka^T va / (sqrt(r) G)``.
+
+    Args:
+        qa, ka, va: ``[..., G, r]`` projected global queries, keys and values.
+
+    Returns:
+        ``[..., G, r]``.
+    """
+    g, r = qa.shape[-2], qa.shape[-1]
+    return qa @ (ka.transpose(-1, -2) @ va) / (math.sqrt(r) * g)
+
+
+def event_state(qa: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
+    """``S'_e = qa (ke^T ve) / (sqrt(r) m)``, computed through the r x r product (cheap for any m).
+
+    Args:
+        qa: ``[L, G, r]`` projected global queries.
+        ke, ve: ``[L, B, m, r]`` projected evicted keys and values.
+
+    Returns:
+        ``[L, B, G, r]``.
+    """
+    m, r = ke.shape[-2], ke.shape[-1]
+    kv = ke.transpose(-1, -2) @ ve  # [L, B, r, r]
+    return qa.unsqueeze(1) @ kv / (math.sqrt(r) * m)
+
+
+class ThoughtEncoder(nn.Module):
+    """Trainable parameters of the thought state: global tokens and per-layer latent projections.
+
+    Args:
+        d_model: hidden size; d_q = H * D and d_kv = H_kv * D of the attention layers.
+        num_layers: L decoder layers.
+        cfg: G, per-layer globals, ablation switches.
+        rank: r, the latent rank (= the adapter rank).
+    """
+
+    def __init__(self, d_model: int, d_q: int, d_kv: int, num_layers: int, cfg: PTEConfig, rank: int):
+        super().__init__()
+        self.cfg, self.rank, self.num_layers = cfg, rank, num_layers
+        shape = (num_layers, cfg.global_tokens, d_model) if cfg.per_layer_globals else (cfg.global_tokens, d_model)
+        # Global tokens go through RMSNorm before the frozen projections, so unit-scale init is in distribution.
+        self.global_tokens = nn.Parameter(torch.randn(shape))
+        self.wa_q = nn.Parameter(torch.randn(num_layers, d_q, rank) / math.sqrt(d_q))
+        self.wa_k = nn.Parameter(torch.randn(num_layers, d_kv, rank) / math.sqrt(d_kv))
+        self.wa_v = nn.Parameter(torch.randn(num_layers, d_kv, rank) / math.sqrt(d_kv))
+
+    def project_globals(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global queries and state through each layer's frozen norm and projections.
+
+        Args:
+            layers: the model's decoder layers (``input_layernorm`` and ``self_attn.{q,k,v}_proj`` frozen;
+                adapter-wrapped projections are read through their ``base_layer``).
+
+        Returns:
+            ``qa`` ``[L, G, r]`` (fp32) and ``S_g`` ``[L, G, r]`` (fp32; zeros for the #Global-0 ablation).
+        """
+        qas, sgs = [], []
+        for i, layer in enumerate(layers):
+            h = self.global_tokens[i] if self.cfg.per_layer_globals else self.global_tokens
+            attn = layer.self_attn
+            x = layer.input_layernorm(h.to(layer.input_layernorm.weight.dtype).unsqueeze(0))[0]  # [G, d_model]
+            q = _base(attn.q_proj)(x)
+            k = _base(attn.k_proj)(x)
+            v = _base(attn.v_proj)(x)
+            q, k = _head_norm(attn, "q_norm", q), _head_norm(attn, "k_norm", k)
+            qa = q.float() @ self.wa_q[i]
+            qas.append(qa)
+            if self.cfg.use_global_state:
+                sgs.append(global_state(qa, k.float() @ self.wa_k[i], v.float() @ self.wa_v[i]))
+            else:
+                sgs.append(torch.zeros_like(qa))
+        return torch.stack(qas), torch.stack(sgs)
+
+    def project_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[L, B, m, d_kv]`` pre-RoPE keys / values -> ``[L, B, m, r]`` each (fp32)."""
+        return keys.float() @ self.wa_k.unsqueeze(1), values.float() @ self.wa_v.unsqueeze(1)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
+def _head_norm(attn: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Apply Qwen3-style per-head q_norm/k_norm so global projections live where the cached keys live."""
+    norm = getattr(attn, name, None)
+    if norm is None:
+        return x
+    g, d = x.shape[0], attn.head_dim
+    return norm(x.view(g, -1, d)).reshape(g, -1)
+
+
+class ThoughtState:
+    """Running state of one batch: ``S = Normalize(S_g + S_acc)`` per layer and row.
+
+    Built at the start of a rollout or replay (``S_g`` and ``qa`` are recomputed from the current parameters,
+    so gradients reach the encoder in training); :meth:`update` folds in one eviction event.
+
+    Args:
+        qa: ``[L, G, r]`` projected global queries.
+        s_global: ``[L, G, r]`` global state.
+        batch_size: B.
+        cfg: normalisation mode and ablations.
+    """
+
+    def __init__(self, qa: torch.Tensor, s_global: torch.Tensor, batch_size: int, cfg: PTEConfig):
+        self.qa, self.cfg = qa, cfg
+        self.acc = s_global.unsqueeze(1).expand(-1, batch_size, -1, -1)  # [L, B, G, r] fp32, un-normalised
+        self.current = normalize_rows(self.acc, cfg.eps)  # [L, B, G, r]
+        self.num_updates = 0
+
+    def update(self, ke: torch.Tensor, ve: torch.Tensor, active: torch.Tensor) -> None:
+        """Fold one event into the state.
+
+        Args:
+            ke, ve: ``[L, B, m, r]`` projected evicted keys / values (from detached K/V).
+            active: ``[B]`` bool; rows that already finished keep their state.
+        """
+        if not self.cfg.event_updates:
+            return
+        s_event = event_state(self.qa, ke, ve)  # [L, B, G, r]
+        keep = active.view(1, -1, 1, 1).to(s_event.dtype)
+        if self.cfg.normalize == "recursive":
+            new = normalize_rows(self.current + s_event, self.cfg.eps)
+            self.current = keep * new + (1 - keep) * self.current
+        else:
+            self.acc = self.acc + keep * s_event
+            self.current = normalize_rows(self.acc, self.cfg.eps)
+        self.num_updates += 1
