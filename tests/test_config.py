@@ -1,0 +1,55 @@
+"""params.yaml <-> dataclasses: defaults load, and bad keys/values name the key, the value and a fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from pte.config import CacheConfig, load_params, params_from_dict
+
+
+def test_defaults_and_roundtrip(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("cache:\n  window: 64\n  evict_ratio: 0.5\nadapter:\n  target_modules: [q_proj, v_proj]\n")
+    params = load_params(p)
+    assert params.cache.window == 64 and params.cache.evict_ratio == 0.5
+    assert params.adapter.target_modules == ("q_proj", "v_proj")
+    assert params.to_dict()["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert params_from_dict(params.to_dict()) == params
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"cache": {"window": 0}}, "`cache.window` = 0"),
+        ({"cache": {"evict_ratio": 1.5}}, "`cache.evict_ratio` = 1.5"),
+        ({"cache": {"evict_ratio": 0.0}}, "(0, 1]"),
+        ({"cache": {"window": "big"}}, "`cache.window` = 'big'"),
+        ({"cache": {"window": True}}, "`cache.window` = True"),
+        ({"adapter": {"rank": "8"}}, "`adapter.rank` = '8' is invalid; allowed: an integer"),
+        ({"cache": {"windw": 3}}, "unknown key `cache.windw`"),
+        ({"caches": {}}, "unknown section `caches`"),
+        ({"cache": {"window": 8, "budget": 64}}, "set one of them"),
+        ({"sampling": {"top_p": 0}}, "`sampling.top_p` = 0"),
+    ],
+)
+def test_invalid_values_raise_with_key_and_value(data, needle):
+    with pytest.raises(ValueError) as err:
+        params_from_dict(data)
+    assert needle in str(err.value)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params file"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_window_semantics():
+    assert CacheConfig(window=None).is_full
+    assert CacheConfig(window="auto").thinking_window(37) == 37
+    assert CacheConfig(window=None, budget=100).thinking_window(30) == 70
+    with pytest.raises(ValueError, match="leaves no room"):
+        CacheConfig(window=None, budget=30).thinking_window(30)
+    assert CacheConfig(window=16, evict_ratio=0.25).evict_count(16) == 4
+    assert CacheConfig(window=10, evict_ratio=0.25).evict_count(10) == 3  # ceil(2.5)
+    assert CacheConfig(window=10, evict_ratio=1.0).evict_count(10) == 10
+    assert CacheConfig(window=3, evict_ratio=0.01).evict_count(3) == 1

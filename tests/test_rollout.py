@@ -1,0 +1,161 @@
+"""Rollout under the bounded cache against independent references: HF generate and a cache-free forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, batch, tiny
+from reference import eviction_schedule, naive_logits
+
+import pte.rollout as rollout_mod
+from pte.adapters import attach_adapter
+from pte.cache import event_steps, plan_cache
+from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
+from pte.rollout import generate
+
+GREEDY = SamplingConfig(max_new_tokens=40, temperature=0.0)
+
+
+def _hf_greedy(model, tok, ids, am, n):
+    out = model.generate(input_ids=ids, attention_mask=am, do_sample=False, max_new_tokens=n,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("bsz", [1, 3])
+def test_greedy_equals_hf_generate_without_eviction(family, bsz):
+    model, tok = tiny(family)
+    ids, am = batch(tok, ["hello world, how are you", "2+2=", "a much longer prompt with many more bytes"][:bsz])
+    ref = _hf_greedy(model, tok, ids, am, GREEDY.max_new_tokens)
+    for cache in (CacheConfig(window=None), CacheConfig(window=GREEDY.max_new_tokens)):
+        out = generate(model, ids, am, cache, GREEDY, [tok.eos_token_id], tok.pad_token_id)
+        assert out.event_steps == []
+        assert torch.equal(out.tokens, ref)
+
+
+def test_greedy_equals_hf_generate_with_fresh_pte_adapter():
+    model, tok = tiny("qwen2-tiny")
+    ids, am = batch(tok)
+    ref = _hf_greedy(model, tok, ids, am, GREEDY.max_new_tokens)
+    attach_adapter(model, "pte", AdapterConfig(rank=8), PTEConfig(global_tokens=4))
+    out = generate(model, ids, am, CacheConfig(window=None), GREEDY, [tok.eos_token_id], tok.pad_token_id)
+    assert torch.equal(out.tokens, ref)
+
+
+def _record_logits(monkeypatch):
+    seen = []
+    original = rollout_mod.sample_tokens
+
+    def spy(logits, cfg, generator=None):
+        seen.append(logits.clone())
+        return original(logits, cfg, generator)
+
+    monkeypatch.setattr(rollout_mod, "sample_tokens", spy)
+    return seen
+
+
+def _nonzero_pte(model, method="pte", **pte_kw):
+    attach_adapter(model, method, AdapterConfig(rank=8), PTEConfig(global_tokens=4, **pte_kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("pte_up"):
+                p.normal_(0.0, 0.3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["sliding", "pte"])
+def test_step_logits_equal_naive_reference_under_eviction(monkeypatch, family, method):
+    model, tok = tiny(family)
+    if method == "pte":
+        _nonzero_pte(model)
+    ids, am = batch(tok)
+    seen = _record_logits(monkeypatch)
+    cache = CacheConfig(window=12, evict_ratio=0.25)
+    sampling = SamplingConfig(max_new_tokens=45, temperature=1.0)
+    out = generate(model, ids, am, cache, sampling, [tok.eos_token_id], tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(3))
+    plan = plan_cache(cache, ids.shape[1])
+    assert out.event_steps == eviction_schedule(12, 3, 44) == event_steps(plan, 44)
+    assert len(out.event_steps) >= 5 and out.max_cache_tokens == ids.shape[1] + 12
+    ref, _ = naive_logits(model, ids, am, out.tokens, out.mask, 12, 3)
+    got = torch.stack(seen, dim=1)
+    m = out.mask.bool()
+    torch.testing.assert_close(got[m], ref.float()[m], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pte_kw", [dict(normalize="recursive"), dict(per_layer_globals=True)])
+def test_pte_variants_match_reference(monkeypatch, pte_kw):
+    model, tok = tiny("llama-tiny")
+    _nonzero_pte(model, **pte_kw)
+    ids, am = batch(tok)
+    seen = _record_logits(monkeypatch)
+    cache = CacheConfig(window=8, evict_ratio=0.5)
+    out = generate(model, ids, am, cache, SamplingConfig(max_new_tokens=30), [tok.eos_token_id], tok.pad_token_id,
+                   generator=torch.Generator().manual_seed(0))
+    ref, _ = naive_logits(model, ids, am, out.tokens, out.mask, 8, 4)
+    m = out.mask.bool()
+    torch.testing.assert_close(torch.stack(seen, 1)[m], ref[m], atol=1e-5, rtol=0)
+
+
+def test_eviction_changes_pte_output_only_through_events(monkeypatch):
+    """Global-only ablation: the state never moves, so logits equal a reference with S fixed at Norm(S_g)."""
+    model, tok = tiny("qwen3-tiny")
+    _nonzero_pte(model, "pte_global_only")
+    ids, am = batch(tok)
+    seen = _record_logits(monkeypatch)
+    out = generate(model, ids, am, CacheConfig(window=8), SamplingConfig(max_new_tokens=30), [tok.eos_token_id],
+                   tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    ref, states = naive_logits(model, ids, am, out.tokens, out.mask, 8, 2)
+    assert all(torch.equal(states[0][0], s[0]) for s in states)
+    m = out.mask.bool()
+    torch.testing.assert_close(torch.stack(seen, 1)[m], ref[m], atol=1e-5, rtol=0)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model, tok = tiny("llama-tiny")
+    ids, am = batch(tok)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.8, top_p=0.9, top_k=50)
+
+    def run(seed):
+        return generate(model, ids, am, CacheConfig(window=6), cfg, [tok.eos_token_id], tok.pad_token_id,
+                        generator=torch.Generator().manual_seed(seed)).tokens
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+def test_per_row_eos_masks_and_stops():
+    model, tok = tiny("llama-tiny")
+    ids, am = batch(tok)
+    free = generate(model, ids, am, CacheConfig(window=None), GREEDY, [tok.eos_token_id], tok.pad_token_id)
+    eos = int(free.tokens[1, 5])  # pretend row 1's 6th token is an end-of-sequence token
+    out = generate(model, ids, am, CacheConfig(window=None), GREEDY, [eos], tok.pad_token_id)
+    first = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in free.tokens]
+    for b, k in enumerate(first):
+        if k is None:
+            assert out.mask[b].all() and not out.finished[b]
+        else:
+            assert out.mask[b, : k + 1].all() and not out.mask[b, k + 1 :].any() and out.finished[b]
+            assert (out.tokens[b, k + 1 :] == tok.pad_token_id).all()
+            assert torch.equal(out.tokens[b, : k + 1], free.tokens[b, : k + 1])
+    assert out.lengths[1] == first[1] + 1
+
+
+def test_budget_and_auto_window():
+    model, tok = tiny("llama-tiny")
+    ids, am = batch(tok)
+    p = ids.shape[1]
+    out = generate(model, ids, am, CacheConfig(window=None, budget=p + 10), SamplingConfig(max_new_tokens=30),
+                   [tok.eos_token_id], tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert out.plan.window == 10 and out.max_cache_tokens == p + 10
+    out = generate(model, ids, am, CacheConfig(window="auto"), SamplingConfig(max_new_tokens=p + 20),
+                   [tok.eos_token_id], tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert out.plan.window == p and out.max_cache_tokens == 2 * p and out.event_steps[0] == p
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    model, tok = tiny("llama-tiny")
+    model.config.max_position_embeddings = 8
+    ids, am = batch(tok)
+    with pytest.raises(ValueError, match="model's context is 8"):
+        generate(model, ids, am, CacheConfig(window=4), GREEDY, [tok.eos_token_id], tok.pad_token_id)

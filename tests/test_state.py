@@ -1,0 +1,108 @@
+"""The thought state: RoPE un-rotation, GQA head flattening, and S after k events vs the direct formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import batch, tiny
+
+from pte.adapters import PTEAdapter, attach_adapter, find_pte
+from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
+from pte.rollout import generate
+from pte.state import event_state, flatten_heads, global_state, normalize_rows, unrotate_keys
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                         "rope_theta": 10000.0}])
+def test_unrotate_inverts_the_models_rope(rope):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if rope is not None:
+        cfg.rope_parameters = rope
+    rotary = LlamaRotaryEmbedding(cfg)
+    k = torch.randn(2, 2, 7, 16)
+    pos = torch.tensor([[3, 4, 5, 90, 91, 92, 200], [0, 1, 2, 3, 4, 5, 6]])
+    cos, sin = rotary(k, position_ids=pos)
+    if rope is not None:
+        assert rotary.attention_scaling != 1.0  # the division by cos^2 + sin^2 matters here
+    _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+    torch.testing.assert_close(unrotate_keys(k_rot, cos, sin), k, atol=1e-5, rtol=1e-5)
+
+
+def test_flatten_heads_matches_projection_layout():
+    b, t, h, d = 2, 5, 3, 4
+    proj_out = torch.randn(b, t, h * d)  # what k_proj returns
+    cached = proj_out.view(b, t, h, d).transpose(1, 2)  # what the attention layer caches
+    assert torch.equal(flatten_heads(cached), proj_out)
+
+
+def test_state_formulas_by_hand():
+    g, r, m = 3, 2, 4
+    qa, ka, va = torch.randn(g, r), torch.randn(g, r), torch.randn(g, r)
+    expected = sum(qa[:, None, :] @ ka[j][:, None] @ va[j][None, :] for j in range(g)).squeeze(1) / (math.sqrt(r) * g)
+    torch.testing.assert_close(global_state(qa, ka, va), expected)
+    ke, ve = torch.randn(1, 2, m, r), torch.randn(1, 2, m, r)
+    s = event_state(qa.unsqueeze(0), ke, ve)  # [L=1, B=2, G, r]
+    for b in range(2):
+        torch.testing.assert_close(s[0, b], qa @ ke[0, b].T @ ve[0, b] / (math.sqrt(r) * m))
+    n = normalize_rows(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), 1e-6)
+    torch.testing.assert_close(n, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("family", ["llama-tiny", "qwen3-tiny"])
+def test_state_after_k_events_equals_direct_computation(monkeypatch, family):
+    model, tok = tiny(family)
+    attach_adapter(model, "pte", AdapterConfig(rank=8), PTEConfig(global_tokens=4))
+    pte = find_pte(model)
+    layers = model.get_decoder().layers
+    pre_rope_keys, values_seen = {i: [] for i in range(len(layers))}, {i: [] for i in range(len(layers))}
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        key_src = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj  # Qwen3 caches post-k_norm keys
+
+        def keep_keys(m, a, o, i=i):
+            if o.shape[0] == 3:  # k_norm also runs on the G=4 global tokens; keep only the batch's forwards
+                pre_rope_keys[i].append(o.flatten(2))
+
+        key_src.register_forward_hook(keep_keys)
+        attn.v_proj.register_forward_hook(lambda m, a, o, i=i: values_seen[i].append(o))
+
+    events = []
+    original = PTEAdapter.observe_eviction
+
+    def spy(self, evicted, active):
+        original(self, evicted, active)
+        events.append((evicted, active.clone(), self.bank.state.current.clone()))
+
+    monkeypatch.setattr(PTEAdapter, "observe_eviction", spy)
+    ids, am = batch(tok)
+    window, e = 10, 3
+    out = generate(model, ids, am, CacheConfig(window=window, evict_ratio=0.3), SamplingConfig(max_new_tokens=40),
+                   [tok.eos_token_id], tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert len(events) == len(out.event_steps) >= 5
+
+    # forward 0 is the prefill; forward j + 1 fed generated token j.
+    keys = {i: torch.cat(v[1:], dim=1) for i, v in pre_rope_keys.items()}  # [B, fed, d_kv]
+    vals = {i: torch.cat(v[1:], dim=1) for i, v in values_seen.items()}
+    with torch.no_grad():
+        qa_all, sg_all = pte.encoder.project_globals(layers)
+        acc = {i: sg_all[i].expand(ids.shape[0], -1, -1).clone() for i in range(len(layers))}
+        r = pte.adapter_cfg.rank
+        for k, (evicted, active, state) in enumerate(events):
+            lo, hi = k * e, (k + 1) * e
+            for i in range(len(layers)):
+                # the cached (rotated, per-head) keys un-rotate to exactly the projection output
+                cos, sin = model.get_decoder().rotary_emb(evicted.values[0], position_ids=evicted.positions)
+                got = flatten_heads(unrotate_keys(evicted.keys[i], cos, sin))
+                torch.testing.assert_close(got, keys[i][:, lo:hi], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(flatten_heads(evicted.values[i]), vals[i][:, lo:hi])
+                ka = keys[i][:, lo:hi] @ pte.encoder.wa_k[i]
+                va = vals[i][:, lo:hi] @ pte.encoder.wa_v[i]
+                s_e = qa_all[i] @ ka.transpose(1, 2) @ va / (math.sqrt(r) * e)
+                acc[i] = acc[i] + active.view(-1, 1, 1) * s_e
+                direct = acc[i] / acc[i].norm(dim=-1, keepdim=True)
+                torch.testing.assert_close(state[i], direct, atol=1e-5, rtol=1e-5)
