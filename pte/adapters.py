@@ -291,8 +291,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[nn.Module, 
         tensors = load_file(str(Path(adapter_dir) / WEIGHTS), device=str(model.device))
         expected = adapter_state_dict(model)
         if set(tensors) != set(expected):
-            raise ValueError(f"adapter weights in {adapter_dir!s} do not match the model: missing "
-                             f"{sorted(set(expected) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(expected))[:5]}")
+            missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise ValueError(f"adapter weights in {adapter_dir!s} do not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}; was it saved for another base model or method?")
         with torch.no_grad():
             params = dict(model.named_parameters())
             for k, v in tensors.items():

@@ -221,7 +221,7 @@ def save_hf(model, tokenizer, out_dir: str | Path) -> Path:
         clean = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
         missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"state dict mismatch converting the GGUF model: missing={missing} unexpected={unexpected}")
+            raise RuntimeError(f"GGUF conversion: state dict mismatch (missing={missing}, unexpected={unexpected})")
         clean.tie_weights()
         model = clean
     model.save_pretrained(out)

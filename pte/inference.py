@@ -1,0 +1,102 @@
+"""Text in, text out under the bounded cache: model (+ adapter) loading, chat templating, batching, decoding.
+
+The one entry point that ``pte generate``, evaluation and the MLflow predictor share. It knows nothing
+about training or tracking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pte.adapters import load_adapter, read_adapter_meta
+from pte.config import CacheConfig, SamplingConfig
+from pte.models import load_model
+from pte.rollout import Rollout, generate
+
+__all__ = ["Generator", "encode_prompts", "eos_ids"]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a row: the tokenizer's EOS plus the generation config's (a list for chat models)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tokenizer, prompts: list[str], raw: bool = False,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-template (unless ``raw`` or the tokenizer has no template) and left-pad a batch of prompts.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, both ``[B, P]``.
+    """
+    if not raw and getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        add_special = False  # the template already holds every special token
+    else:
+        texts, add_special = list(prompts), True
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    finally:
+        tokenizer.padding_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@dataclass
+class Generator:
+    """A loaded policy (base model, optionally with its adapter) ready to generate."""
+
+    model: Any
+    tokenizer: Any
+    method: str = "base"
+
+    @classmethod
+    def load(cls, model: str | None, adapter: str | None = None, dtype: str = "float32",
+             device: str | torch.device = "cpu") -> Generator:
+        """Load ``model`` (default: the base model recorded in the adapter) and attach ``adapter`` if given."""
+        if model is None:
+            if adapter is None:
+                raise ValueError("pass --model (and optionally --adapter), or an --adapter that records its base model")
+            model = read_adapter_meta(adapter).get("base_model")
+            if not model:
+                raise ValueError(f"adapter {adapter!r} does not record its base model; pass --model")
+        net, tok = load_model(model, dtype=dtype, device=device)
+        method = "base"
+        if adapter is not None:
+            net, method = load_adapter(net, adapter)
+        return cls(net, tok, method)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def rollout(self, prompts: list[str], cache: CacheConfig, sampling: SamplingConfig, seed: int = 0,
+                raw: bool = False, progress: bool = False) -> Rollout:
+        """Generate for a batch of prompt texts; returns the raw :class:`Rollout`."""
+        ids, mask = encode_prompts(self.tokenizer, prompts, raw=raw, device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return generate(self.model, ids, mask, cache, sampling, eos_ids(self.model, self.tokenizer),
+                        self.tokenizer.pad_token_id, generator=gen, progress=progress)
+
+    def __call__(self, prompts: list[str], cache: CacheConfig, sampling: SamplingConfig, seed: int = 0,
+                 raw: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+        """Generate and decode: one dict per prompt with ``text``, ``token_ids``, ``num_evictions``,
+        ``max_cache_tokens``, ``finished``."""
+        out = self.rollout(prompts, cache, sampling, seed=seed, raw=raw, progress=progress)
+        eos = set(eos_ids(self.model, self.tokenizer))
+        results = []
+        for b in range(len(prompts)):
+            ids = out.tokens[b][out.mask[b].bool()].tolist()
+            text_ids = ids[:-1] if ids and ids[-1] in eos else ids
+            results.append({"text": self.tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": ids,
+                            "num_evictions": int(out.num_evictions[b]), "max_cache_tokens": out.max_cache_tokens,
+                            "finished": bool(out.finished[b])})
+        return results
