@@ -147,12 +147,16 @@ class PTEAdapter(nn.Module):
         assert state is not None, "begin() must be called before observe_eviction()"
         if not self.pte_cfg.event_updates:
             return
+        ke, ve = self.encoder.project_evicted(*self.pre_rope(evicted))
+        state.update(ke, ve, active)
+
+    def pre_rope(self, evicted: Evicted) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evicted keys un-rotated to pre-RoPE and values, heads flattened, detached: ``[L, B, m, d_kv]`` each."""
         rotary = self._model.get_decoder().rotary_emb
         cos, sin = rotary(evicted.values[0], position_ids=evicted.positions)
         keys = torch.stack([flatten_heads(unrotate_keys(k.detach(), cos, sin)) for k in evicted.keys])
-        values = torch.stack([flatten_heads(v.detach()) for v in evicted.values])  # [L, B, m, d_kv]
-        ke, ve = self.encoder.project_evicted(keys, values)
-        state.update(ke, ve, active)
+        values = torch.stack([flatten_heads(v.detach()) for v in evicted.values])
+        return keys, values
 
     def end(self) -> None:
         self.bank.state = None

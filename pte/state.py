@@ -195,3 +195,55 @@ class ThoughtState:
             self.acc = self.acc + keep * s_event
             self.current = normalize_rows(self.acc, self.cfg.eps)
         self.num_updates += 1
+
+
+class SegmentState:
+    """Replay-side state: S^(k) rebuilt from the current parameters for every segment (DESIGN 3.6).
+
+    The accumulate form is linear in the evicted K/V: ``sum_e qa Wa_K^T (K_e^T V_e / m) Wa_V / sqrt(r)``. Keeping
+    the detached ``sum_e K_e^T V_e / m`` (``[L, B, d_kv, d_kv]``, constant in the sequence length) lets each segment
+    build ``S^(k)`` in a fresh, tiny autograd graph, so segment-wise backward never has to retain an earlier graph
+    and gradients still reach ``h_g`` and ``Wa_*`` through every event. The ``recursive`` form is not linear; there
+    ``S^(k-1)`` enters detached (truncated backpropagation through the state chain).
+
+    Args:
+        encoder: the thought encoder. layers: the model's decoder layers. batch_size: B. cfg: the PTE settings.
+    """
+
+    def __init__(self, encoder: ThoughtEncoder, layers, batch_size: int, cfg: PTEConfig):
+        self.encoder, self.layers, self.batch_size, self.cfg = encoder, layers, batch_size, cfg
+        self.kv_sum: torch.Tensor | None = None  # [L, B, d_kv, d_kv] fp32, detached
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # recursive: (K^T V / m, active) of the new event
+        self.previous: torch.Tensor | None = None  # recursive: S^(k-1), detached
+        self.current: torch.Tensor | None = None  # [L, B, G, r] the state in use
+
+    def observe(self, keys: torch.Tensor, values: torch.Tensor, active: torch.Tensor) -> None:
+        """Record one event from pre-RoPE ``keys``/``values`` ``[L, B, m, d_kv]`` (rows not ``active`` are skipped)."""
+        if not self.cfg.event_updates:
+            return
+        kv = keys.float().transpose(-1, -2) @ values.float() / keys.shape[-2]  # [L, B, d_kv, d_kv]
+        keep = active.view(1, -1, 1, 1).to(kv.dtype)
+        if self.cfg.normalize == "recursive":
+            self.previous = None if self.current is None else self.current.detach()
+            self.last = (kv, keep)
+        else:
+            self.kv_sum = keep * kv if self.kv_sum is None else self.kv_sum + keep * kv
+
+    def _events_term(self, qa: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        wa_k, wa_v = self.encoder.wa_k.unsqueeze(1), self.encoder.wa_v.unsqueeze(1)  # [L, 1, d_kv, r]
+        return qa.unsqueeze(1) @ (wa_k.transpose(-1, -2) @ kv @ wa_v) / math.sqrt(qa.shape[-1])
+
+    def build(self) -> torch.Tensor:
+        """Compute the state of the coming segment from the parameters; returns (and stores) ``[L, B, G, r]``."""
+        qa, s_global = self.encoder.project_globals(self.layers)
+        base = s_global.unsqueeze(1).expand(-1, self.batch_size, -1, -1)
+        if self.cfg.normalize == "recursive" and self.last is not None:
+            kv, keep = self.last
+            prev = self.previous if self.previous is not None else normalize_rows(base, self.cfg.eps).detach()
+            new = normalize_rows(prev + self._events_term(qa, kv), self.cfg.eps)
+            self.current = keep * new + (1 - keep) * prev
+        elif self.cfg.normalize == "recursive" or self.kv_sum is None:
+            self.current = normalize_rows(base, self.cfg.eps)
+        else:
+            self.current = normalize_rows(base + self._events_term(qa, self.kv_sum), self.cfg.eps)
+        return self.current

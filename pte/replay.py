@@ -1,0 +1,105 @@
+"""Teacher-forced log-probs under the rollout's own eviction schedule, segment by segment (DESIGN 3.6).
+
+Segment k holds the generated tokens fed between eviction events k and k+1. It runs as one chunk
+against the cache as it was at the start of the segment (prompt block + kept thinking tokens), causal
+inside the chunk, with the adapter using ``S^(k)``; then the same slots the rollout evicted are evicted
+and the state is updated from their K/V. Every token therefore sees exactly the context and adapter it
+saw while it was sampled, so replay log-probs equal rollout log-probs (the trainer checks this).
+
+Memory: with ``on_segment`` the caller backpropagates each segment's loss right away; the cache K/V are
+then detached, so activation memory is bounded by one segment, not by the sequence. This drops the
+gradient paths through earlier segments' keys/values (a truncation across segments, like truncated
+BPTT); gradients still reach the adapter through every token and the encoder through every event
+(see :class:`pte.state.SegmentState`). ``detach_cache=False`` keeps the whole graph for the exact
+gradient (checks and small runs only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pte.adapters import find_pte
+from pte.cache import BoundedCache, CachePlan, event_steps
+from pte.rollout import model_forward
+from pte.state import SegmentState
+
+__all__ = ["replay_logprobs", "segment_bounds", "token_logprobs"]
+
+
+def segment_bounds(plan: CachePlan, num_tokens: int) -> list[tuple[int, int]]:
+    """Fed-token ranges ``[a, b)`` between eviction events for a generation of ``num_tokens`` tokens.
+
+    The last generated token is never fed, so ``num_tokens - 1`` tokens are; segment k predicts tokens
+    ``a+1 .. b`` (the first segment also predicts token 0 from the prompt block).
+    """
+    num_fed = max(num_tokens - 1, 0)
+    bounds = [0, *event_steps(plan, num_fed), num_fed]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)`` at ``tokens``: ``[B, n, V], [B, n] -> [B, n]`` (fp32)."""
+    logits = logits.float()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+SegmentCallback = Callable[[slice, torch.Tensor], None]
+
+
+def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+                    mask: torch.Tensor, plan: CachePlan, temperature: float = 1.0,
+                    on_segment: SegmentCallback | None = None, detach_cache: bool = True) -> torch.Tensor:
+    """Recompute the log-prob of every generated token under the bounded cache.
+
+    Args:
+        model: the policy (base, peft LoRA or PTE); its adapters decide what is trained.
+        prompt_ids, prompt_mask: ``[B, P]`` the rollout's left-padded prompt block.
+        tokens, mask: ``[B, T]`` generated tokens and their validity (1 up to and including EOS).
+        plan: the rollout's cache layout (same P, W and e give the same events).
+        temperature: the sampling temperature (log-probs are of ``softmax(logits / temperature)``).
+        on_segment: called as ``on_segment(cols, logprobs[:, cols])`` after each segment, typically to
+            backpropagate that segment's share of the loss; the returned tensor is then detached.
+        detach_cache: detach cached K/V after each segment (always when ``on_segment`` backpropagates).
+
+    Returns:
+        ``[B, T]`` fp32 log-probs (with their graph when ``on_segment`` is None and grad is enabled).
+    """
+    bsz, num_tokens = tokens.shape
+    cache = BoundedCache(plan, prompt_mask)
+    pte = find_pte(model)
+    lengths = mask.sum(-1)
+    state = SegmentState(pte.encoder, model.get_decoder().layers, bsz, pte.pte_cfg) if pte is not None else None
+    pieces = []
+    try:
+        for k, (a, b) in enumerate(segment_bounds(plan, num_tokens)):
+            if k > 0:
+                evicted = cache.evict()
+                if state is not None:
+                    state.observe(*pte.pre_rope(evicted), active=lengths > a + 1)
+            if state is not None:
+                pte.bank.state = state
+                state.build()
+            logits = []
+            if k == 0:
+                logits.append(model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1))
+            if b > a:
+                pos = cache.positions_for(a, b - a)
+                logits.append(model_forward(model, cache, tokens[:, a:b], pos, cache.extend(pos)))
+            cols = slice(0 if k == 0 else a + 1, b + 1)
+            lp = token_logprobs(torch.cat(logits, dim=1), tokens[:, cols], temperature)
+            if on_segment is not None:
+                on_segment(cols, lp)
+                lp = lp.detach()
+            pieces.append(lp)
+            if detach_cache or on_segment is not None:
+                for layer in cache.hf.layers:
+                    layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    finally:
+        if pte is not None:
+            pte.end()
+    return torch.cat(pieces, dim=1)
