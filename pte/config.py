@@ -16,16 +16,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # the data section's schema lives with the data sources (pte.data), which import this module
+    from pte.data import DataConfig
 
 __all__ = [
     "AdapterConfig",
     "BaseConfig",
     "CacheConfig",
+    "GRPOConfig",
     "ModelConfig",
     "Params",
     "PTEConfig",
     "SamplingConfig",
+    "TrainConfig",
     "load_params",
     "params_from_dict",
 ]
@@ -194,6 +199,107 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    """Group rollouts, reward and loss (DESIGN 3.7); names follow TRL's ``GRPOConfig``."""
+
+    num_generations: int = 8
+    """G: completions sampled per prompt (one group)."""
+    max_completion_length: int = 256
+    """Generated tokens per completion at most."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (log-probs are of softmax(logits / temperature))."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling mass."""
+    top_k: int = 0
+    """Rollout top-k (0 = off)."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """Loss aggregation with TRL's meaning: per-sequence mean (grpo), token mean (dapo), fixed length (dr_grpo)."""
+    epsilon: float = 0.2
+    """PPO clip range (lower)."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO clip-higher); null = epsilon."""
+    beta: float = 0.001
+    """k3 KL coefficient against the reference (the base model, adapters off)."""
+    kl_cache: Literal["full", "bounded"] = "full"
+    """Cache of the reference forward: full (the paper's Eq. 3) or the same bounded cache as the policy."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: group std (population std, as the paper), batch std, or none (Dr. GRPO)."""
+    use_bias_correction_kl: bool = False
+    """TRL's bias-corrected KL (multiplies the k3 term by the ratio); off = plain k3 as in verl and the paper."""
+    reward: Literal["math", "char_match"] = "math"
+    """``math``: the answer oracle of pte.rewards; ``char_match``: dense toy reward for smoke tests."""
+    allow_last_number: bool = False
+    """Accept the last number of a completion as its answer when it has no \\boxed{} / Answer: line."""
+
+    def __post_init__(self) -> None:
+        _check_range("grpo.num_generations", self.num_generations, 2)
+        _check_range("grpo.max_completion_length", self.max_completion_length, 1)
+        _check_range("grpo.temperature", self.temperature, 0.0, lo_open=True)
+        _check_range("grpo.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_range("grpo.top_k", self.top_k, 0)
+        _check_range("grpo.epsilon", self.epsilon, 0.0, 1.0)
+        _check_range("grpo.epsilon_high", self.epsilon_high, 0.0)
+        _check_range("grpo.beta", self.beta, 0.0)
+
+    def sampling(self) -> SamplingConfig:
+        """The rollout's sampling settings."""
+        return SamplingConfig(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop and its DeepSpeed engine (DESIGN 3.9)."""
+
+    steps: int = 20
+    """Optimizer steps."""
+    prompts_per_step: int = 2
+    """Prompts per step (across all processes); each yields a group of num_generations rollouts."""
+    rollout_batch: int = 16
+    """Rows generated together (a multiple of micro_batch)."""
+    micro_batch: int = 8
+    """Rows replayed and backpropagated together."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on CUDA, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train."""
+    save_every: int = 10
+    """Checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest removed)."""
+    check_replay: bool = True
+    """On the first step, check replay log-probs against rollout log-probs and stop if they differ."""
+    replay_tolerance: float = 1e-4
+    """Largest allowed |replay - rollout| log-prob difference for the check (fp32)."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check_range("train.steps", self.steps, 1)
+        _check_range("train.prompts_per_step", self.prompts_per_step, 1)
+        _check_range("train.rollout_batch", self.rollout_batch, 1)
+        _check_range("train.micro_batch", self.micro_batch, 1)
+        _check_range("train.lr", self.lr, 0.0, lo_open=True)
+        _check_range("train.weight_decay", self.weight_decay, 0.0)
+        _check_range("train.grad_clip", self.grad_clip, 0.0)
+        _check_range("train.zero_stage", self.zero_stage, 0, 3)
+        _check_range("train.save_every", self.save_every, 1)
+        _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _check_range("train.threads", self.threads, 0)
+        if self.rollout_batch % self.micro_batch:
+            raise ValueError(f"params: `train.rollout_batch` = {self.rollout_batch} is not a multiple of "
+                             f"`train.micro_batch` = {self.micro_batch}; make it one.")
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of ``params.yaml``."""
 
@@ -203,10 +309,19 @@ class Params:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     pte: PTEConfig = field(default_factory=PTEConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=lambda: _data_config_cls()())
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (tuples become lists), for logging and checkpoints."""
         return _plain(dataclasses.asdict(self))
+
+
+def _data_config_cls() -> type:
+    from pte.data import DataConfig
+
+    return DataConfig
 
 
 def _plain(obj: Any) -> Any:
@@ -289,11 +404,16 @@ def params_from_dict(data: dict[str, Any] | None) -> Params:
     if not isinstance(data, dict):
         raise ValueError(f"params: the top level must be a mapping of sections, got {type(data).__name__}.")
     sections = {f.name: f for f in dataclasses.fields(Params)}
-    hints = typing.get_type_hints(Params)
+    hints = typing.get_type_hints(Params, localns={"DataConfig": _data_config_cls()})
     for name in data:
         if name not in sections:
             raise ValueError(f"params: unknown section `{name}`; known sections: {sorted(sections)}.")
-    return Params(**{name: section_from_dict(hints[name], data[name], name) for name in data})
+    built = {}
+    for name in data:
+        cls = hints[name]
+        parse = getattr(cls, "from_dict", None)  # sections with nested schemas parse themselves
+        built[name] = parse(data[name], name) if parse else section_from_dict(cls, data[name], name)
+    return Params(**built)
 
 
 def load_params(path: str | Path) -> Params:

@@ -1,0 +1,270 @@
+"""The cache-aware GRPO training loop on a DeepSpeed engine (paper Eq. 3; DESIGN 3.5-3.9).
+
+One step: pick prompts -> sample a group of completions per prompt under the method's cache (bounded
+for ``lora_c`` and PTE, full for ``lora``) -> rewards -> group advantages -> replay every completion
+under the same eviction schedule, computing the GRPO loss segment by segment and backpropagating each
+segment at once -> one optimizer step. The reference for the KL term is the same model with its
+adapters switched off, with a full cache by default (``grpo.kl_cache``).
+
+Safety: on the first step the replay log-probs are checked against the rollout log-probs; a NaN/inf
+reward or loss stops the run before the optimizer step, naming the step, and the last good checkpoint
+is left as it was. Checkpoints are atomic and a restarted run resumes from the latest one bit-exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pte.adapters import adapter_state_dict, adapters_disabled, attach_adapter, save_adapter, trains_with_bounded_cache
+from pte.cache import CachePlan
+from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pte.config import CacheConfig, Params
+from pte.grpo import GRPOLossConfig, GRPOStats, group_advantages, per_token_objective, token_weights
+from pte.inference import encode_prompts, eos_ids
+from pte.models import load_model
+from pte.replay import replay_logprobs
+from pte.rollout import Rollout, generate
+from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
+from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+
+__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+class ReplayMismatchError(RuntimeError):
+    """Replay log-probs differ from rollout log-probs: the loss would optimize the wrong policy."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A reward or the loss became NaN/inf."""
+
+
+def char_match_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """Toy dense reward for smoke tests: the fraction of a completion's characters that occur in the answer."""
+    pairs = zip(completions, answers, strict=True)
+    return [sum(ch in a for ch in c) / len(c) if c and a else 0.0 for c, a in pairs]
+
+
+def reward_function(params: Params) -> RewardFn:
+    if params.grpo.reward == "char_match":
+        return char_match_reward
+    from pte.rewards import score
+
+    allow = params.grpo.allow_last_number
+    return lambda completions, answers: [score(c, a, allow_last_number=allow)
+                                         for c, a in zip(completions, answers, strict=True)]
+
+
+def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch (resumable by step)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, idx = divmod(pos, num_rows)
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[idx]))
+    return out
+
+
+def _all_sum(x: float, device: torch.device) -> float:
+    if world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+class Trainer:
+    """Holds the engine and everything one step needs; ``run`` drives the loop."""
+
+    def __init__(self, params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,
+                 tracker: Tracker | None = None, reward_fn: RewardFn | None = None):
+        if len(prompts) != len(answers) or not prompts:
+            raise ValueError("training needs a non-empty list of prompts with one answer each")
+        self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
+        self.out_dir = Path(out_dir)
+        self.reward_fn = reward_fn or reward_function(params)
+        cfg = params.train
+        if cfg.prompts_per_step % world_size():
+            raise ValueError(f"train.prompts_per_step = {cfg.prompts_per_step} must be a multiple of the number of "
+                             f"processes ({world_size()}).")
+        self.runtime = Runtime(cfg)
+        seed_everything(params.base.seed)
+        model, self.tok = load_model(params.model.source, dtype="float32", device=self.runtime.device,
+                                     attn_implementation=params.model.attn_implementation,
+                                     revision=params.model.revision, seed=params.base.seed)
+        self.model = attach_adapter(model, method, params.adapter, params.pte)
+        self.engine = init_engine(self.model, cfg, self.runtime)
+        self.cache_cfg = params.cache if trains_with_bounded_cache(method) else CacheConfig(window=None)
+        self.loss_cfg = GRPOLossConfig(loss_type=params.grpo.loss_type, epsilon=params.grpo.epsilon,
+                                       epsilon_high=params.grpo.epsilon_high, beta=params.grpo.beta,
+                                       max_completion_length=params.grpo.max_completion_length,
+                                       use_bias_correction_kl=params.grpo.use_bias_correction_kl)
+        local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
+        self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
+        self.step = 0
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def _rollouts(self, rows: list[int]) -> tuple[list[Rollout], list[torch.Tensor]]:
+        g, cfg = self.params.grpo.num_generations, self.params.train
+        prompts = [self.prompts[i] for i in rows for _ in range(g)]
+        chunks, texts = [], []
+        eos = eos_ids(self.model, self.tok)
+        for c in range(0, len(prompts), cfg.rollout_batch):
+            ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device)
+            seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
+            gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
+            out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
+                           self.tok.pad_token_id, generator=gen)
+            chunks.append(out)
+            texts += [self.tok.decode(out.tokens[b][out.mask[b].bool()], skip_special_tokens=True)
+                      for b in range(out.tokens.shape[0])]
+        answers = [self.answers[i] for i in rows for _ in range(g)]
+        rewards = torch.tensor(self.reward_fn(texts, answers), dtype=torch.float32)
+        return chunks, [rewards]
+
+    def _reference(self, out: Rollout, rows: slice) -> torch.Tensor | None:
+        if self.loss_cfg.beta == 0.0:
+            return None
+        plan = out.plan if self.params.grpo.kl_cache == "bounded" else CachePlan(out.plan.prompt_len, None, 0)
+        with torch.no_grad(), adapters_disabled(self.model):
+            return replay_logprobs(self.model, out.prompt_ids[rows], out.prompt_mask[rows], out.tokens[rows],
+                                   out.mask[rows], plan, self.params.grpo.temperature)
+
+    def _update(self, chunks: list[Rollout], advantages: torch.Tensor, check: bool) -> dict[str, float]:
+        cfg, dev = self.params.train, self.runtime.device
+        rows = sum(c.tokens.shape[0] for c in chunks)
+        tokens = sum(float(c.mask.sum()) for c in chunks)
+        world = world_size()
+        num_seq, num_tok = _all_sum(rows, dev) / world, _all_sum(tokens, dev) / world
+        stats: GRPOStats | None = None
+        loss_total, max_diff, offset = 0.0, 0.0, 0
+        for out in chunks:
+            weights = token_weights(out.mask, self.loss_cfg.loss_type, self.loss_cfg.max_completion_length,
+                                    num_sequences=num_seq, num_tokens=num_tok)
+            for m in range(0, out.tokens.shape[0], cfg.micro_batch):
+                sl = slice(m, m + cfg.micro_batch)
+                adv = advantages[offset + m : offset + m + out.tokens[sl].shape[0]].to(dev)
+                ref = self._reference(out, sl)
+                old, mask, w = out.logprobs[sl], out.mask[sl], weights[sl]
+
+                def on_segment(cols, lp, old=old, mask=mask, w=w, ref=ref, adv=adv):
+                    nonlocal stats, loss_total, max_diff
+                    obj, st = per_token_objective(lp, old[:, cols], None if ref is None else ref[:, cols], adv,
+                                                  mask[:, cols], self.loss_cfg)
+                    loss = (obj * w[:, cols]).sum()
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(f"step {self.step}: the loss is {loss.item()}; stopping before "
+                                                    "the optimizer step (the last checkpoint is untouched).")
+                    self.engine.backward(loss)
+                    loss_total += float(loss)
+                    stats = st if stats is None else stats + st
+                    if mask[:, cols].any():
+                        diff = (lp.detach() - old[:, cols]).abs()[mask[:, cols].bool()].max()
+                        max_diff = max(max_diff, float(diff))
+
+                replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], mask,
+                                out.plan, self.params.grpo.temperature, on_segment=on_segment)
+            offset += out.tokens.shape[0]
+        if check and max_diff > cfg.replay_tolerance:
+            raise ReplayMismatchError(
+                f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "
+                f"(> train.replay_tolerance = {cfg.replay_tolerance:g}); the bounded cache is not reproduced in "
+                "training. Use fp32 (train.precision: fp32) to check, and report the model family if it persists.")
+        self.engine.step()
+        out = {"loss": loss_total, "replay/max_abs_diff": max_diff}
+        if stats is not None:
+            out.update(stats.as_dict())
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.params.train
+        rows = select_rows(len(self.prompts), self.step, cfg.prompts_per_step, self.params.base.seed)
+        rows = rows[rank()::world_size()]
+        t0 = time.perf_counter()
+        chunks, (rewards,) = self._rollouts(rows)
+        t1 = time.perf_counter()
+        if not torch.isfinite(rewards).all():
+            raise TrainingDivergedError(f"step {self.step}: a reward is NaN/inf ({rewards.tolist()}); stopping before "
+                                        "the optimizer step (the last checkpoint is untouched).")
+        g = self.params.grpo.num_generations
+        adv = group_advantages(rewards, g, scale=self.params.grpo.scale_rewards)
+        metrics = self._update(chunks, adv, check=self.params.train.check_replay and self.step == self.first_step)
+        t2 = time.perf_counter()
+        groups = rewards.view(-1, g)
+        lengths = torch.cat([c.mask.sum(-1) for c in chunks]).float()
+        finished = torch.cat([c.finished for c in chunks]).float()
+        evictions = torch.cat([c.num_evictions for c in chunks]).float()
+        metrics.update({
+            "reward": float(rewards.mean()), "reward_std": float(groups.std(-1, unbiased=False).mean()),
+            "frac_reward_zero_std": float((groups.std(-1) < 1e-8).float().mean()),
+            "completions/mean_length": float(lengths.mean()), "completions/clipped_ratio": float(1 - finished.mean()),
+            "cache/evictions": float(evictions.mean()),
+            "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device)),
+            "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1,
+        })
+        return metrics
+
+    # -- loop -----------------------------------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        meta = {"method": self.method, "params": self.params.to_dict(), "data_position": self.step *
+                self.params.train.prompts_per_step}
+        save_checkpoint(self.engine, self.out_dir / "checkpoints", self.step, meta, adapter_state_dict(self.model),
+                        keep=self.params.train.keep_checkpoints)
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.out_dir / "checkpoints")
+        if path is None:
+            return False
+        meta = load_checkpoint(self.engine, path)
+        if meta.get("method") != self.method:
+            raise ValueError(f"checkpoint {path} is for method {meta.get('method')!r}, not {self.method!r}; use "
+                             "another output directory or delete it.")
+        self.step = int(meta["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def run(self, progress: bool = True) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.params.train
+        self.first_step = self.step
+        last: dict[str, float] = {}
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method}",
+                   disable=not (progress and is_main()))
+        while self.step < cfg.steps:
+            last = self.train_step()
+            self.tracker.log_metrics(last, self.step)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last.get('kl', 0.0):.4f}",
+                            s=f"{last['timing/rollout_s'] + last['timing/update_s']:.1f}")
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self._checkpoint()
+        bar.close()
+        if is_main():
+            save_adapter(self.model, self.out_dir / "adapter", self.method, self.params.adapter, self.params.pte,
+                         base_model=self.params.model.source)
+        return last
+
+
+def train(params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,
+          tracker: Tracker | None = None, resume: bool = True, progress: bool = True) -> dict[str, float]:
+    """Train ``method`` with cache-aware GRPO and write ``out_dir/{adapter, checkpoints, metrics.jsonl}``.
+
+    Returns the last step's metrics (empty when resuming a finished run).
+    """
+    trainer = Trainer(params, method, prompts, answers, out_dir, tracker)
+    if resume:
+        trainer.resume()
+    elif latest_checkpoint(Path(out_dir) / "checkpoints") is not None:
+        raise ValueError(f"{out_dir} already holds checkpoints; resume, or pass a new output directory.")
+    return trainer.run(progress=progress)
+
