@@ -90,13 +90,15 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     for k, v in _OFFLINE_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    parser = build_parser()
+    from pte.stages import add_stage_parsers
+
+    parser = build_parser([add_stage_parsers])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

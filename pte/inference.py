@@ -28,15 +28,19 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def encode_prompts(tokenizer, prompts: list[str], raw: bool = False,
-                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: list[str], raw: bool = False, device: str | torch.device = "cpu",
+                   system: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-template (unless ``raw`` or the tokenizer has no template) and left-pad a batch of prompts.
+
+    Args:
+        prompts: user messages. system: optional system message placed before each.
 
     Returns:
         ``input_ids`` and ``attention_mask``, both ``[B, P]``.
     """
     if not raw and getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+        head = [{"role": "system", "content": system}] if system else []
+        texts = [tokenizer.apply_chat_template(head + [{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         add_special = False  # the template already holds every special token
     else:

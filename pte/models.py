@@ -36,15 +36,19 @@ _CHATML = (
 )
 
 # Built-in architectures for `random:<preset>`. Tiny ones are sized for millisecond tests (GQA on purpose);
+# `llama-tiny-wide` is initialised wider than HF's 0.02 so that a small adapter can move its otherwise near-uniform
+# outputs (the smoke preset trains it);
 # qwen2.5-3b is the real Qwen2.5-3B-Instruct shape for GPU memory benchmarks without downloading weights.
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1),
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
+    "llama-tiny-wide": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                            initializer_range=0.1),
     "qwen2-tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1),
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096),
     "qwen3-tiny": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                       initializer_range=0.1),
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                          rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152),

@@ -88,12 +88,25 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if runtime.device.type == "cuda" else "gloo")
+    if cfg.zero_stage == 3:
+        # Measured with deepspeed 0.19.8 (CPU, gloo): ZeRO-3 sums the gradients of several backward passes into one
+        # optimizer step incorrectly (SGD on a 2-layer toy disagrees with plain PyTorch both with
+        # managed_gradient_accumulation on and off, and with gradient_accumulation_steps > 1), while a single backward
+        # per step is right. Segment-wise replay needs many backward passes per step, so stage 3 would silently train
+        # on wrong gradients.
+        raise ValueError("train.zero_stage = 3 is not supported: DeepSpeed ZeRO-3 mis-accumulates gradients over the "
+                         "several backward passes of one step that segment-wise replay needs; use zero_stage 2, which "
+                         "also partitions gradients and optimizer states (the adapters are small; base weights are "
+                         "frozen and never in the optimizer).")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; the 'base' method cannot be trained.")
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
+        # One optimizer step spans many backward calls (every segment of every micro-batch): in unmanaged mode
+        # backward() only accumulates locally and step() does the (ZeRO) reduction and the update.
+        "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": runtime.precision == "bf16"},

@@ -2,21 +2,60 @@
 
 The training loop talks to a :class:`Tracker` and never branches on whether tracking is on
 (``NullTracker`` is the null object). Every metric also lands in a local JSON-lines file, so an
-unreachable tracking server never loses a run. This is the only module that imports mlflow.
+unreachable tracking server never loses a run: :func:`make_tracker` probes the server with a short
+socket timeout and falls back to the JSON-lines file alone, and :class:`MlflowTracker` switches itself
+off (with one warning) after the first MLflow error instead of raising into training.
+
+This module and ``pte.registry`` are the only ones that import mlflow (lazily here, so that training
+without MLflow never pays the import). It knows nothing about models, training or the registry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
-__all__ = ["JsonlTracker", "MultiTracker", "NullTracker", "Tracker", "read_metrics"]
+if TYPE_CHECKING:
+    from pte.config import TrackingConfig
+
+__all__ = [
+    "JsonlTracker",
+    "MlflowTracker",
+    "MultiTracker",
+    "NullTracker",
+    "Tracker",
+    "clean_metrics",
+    "configure_http",
+    "ensure_experiment",
+    "flatten_params",
+    "make_tracker",
+    "read_metrics",
+    "run_context",
+    "unreachable_reason",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000  # mlflow's MAX_PARAM_VAL_LENGTH
+MAX_TAG_CHARS = 8000  # mlflow's MAX_TAG_VAL_LENGTH
+_BATCH = 100  # mlflow's MAX_PARAMS_TAGS_PER_BATCH (metrics allow 1000; one limit keeps it simple)
+# Without these, one call to a dead server retries 7 times with exponential backoff and stalls a step for minutes.
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class Tracker:
-    """Interface: parameters once, metrics per step, artifacts (files), and close."""
+    """Interface: parameters once, metrics per step, artifacts (files), tags, and close."""
 
     def log_params(self, params: dict[str, Any]) -> None:  # pragma: no cover - interface
         pass
@@ -27,16 +66,28 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:  # pragma: no cover
         pass
 
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:  # pragma: no cover - interface
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:  # pragma: no cover - interface
+        pass
+
     def close(self) -> None:  # pragma: no cover - interface
         pass
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
 
 
 class NullTracker(Tracker):
     """Tracks nothing (non-zero ranks, tests)."""
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
 class JsonlTracker(Tracker):
@@ -47,7 +98,7 @@ class JsonlTracker(Tracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, **{k: _finite(float(v)) for k, v in metrics.items()}}
+        row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
@@ -70,9 +121,21 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.log_artifact(path, artifact_path)
 
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        for t in self.trackers:
+            t.log_dict(data, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.set_tags(tags)
+
     def close(self) -> None:
         for t in self.trackers:
             t.close()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for t in self.trackers:
+            t.__exit__(exc_type, exc, tb)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -85,3 +148,251 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
                 by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
+
+
+# -- helpers shared with pte.registry -----------------------------------------------------------------------------
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": "value"}`` with MLflow-safe string values.
+
+    Lists, tuples and other non-scalars become JSON; every value is cut to MLflow's 6000-character limit.
+    """
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+            continue
+        if isinstance(value, str):
+            text = value
+        elif value is None or isinstance(value, (bool, int, float)):
+            text = str(value)
+        else:
+            text = json.dumps(value, default=str, sort_keys=True)
+        out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def _metric_name(name: str) -> str:
+    # mlflow accepts only [/\w.\- :]; anything else (e.g. "pass@4") would reject the whole batch
+    safe = "".join(c if c.isalnum() or c in "/_.- :" else "_" for c in str(name))
+    return safe.strip("/") or "_"
+
+
+def clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Finite numeric metrics with MLflow-safe names; None, NaN, inf and non-numbers are dropped."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (bool, int, float)) and math.isfinite(float(v)):
+            out[_metric_name(k)] = float(v)
+    return out
+
+
+def run_context(root: str | Path | None = None) -> dict[str, str | None]:
+    """``{"git_sha": HEAD or "unknown", "dvc_lock_sha256": hash of dvc.lock or None}`` for run and model tags."""
+    root = Path(root or Path.cwd())
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        sha = proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    lock = root / "dvc.lock"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
+    return {"git_sha": sha, "dvc_lock_sha256": digest}
+
+
+def _context_tags(root: str | Path | None = None) -> dict[str, str]:
+    ctx = run_context(root)
+    tags = {"git_sha": ctx["git_sha"] or "unknown", "mlflow.source.git.commit": ctx["git_sha"] or "unknown"}
+    if ctx["dvc_lock_sha256"]:
+        tags["dvc_lock_sha256"] = ctx["dvc_lock_sha256"]
+    return tags
+
+
+def configure_http(uri: str) -> None:
+    """For an http(s) tracking URI, cap MLflow's retries and timeout (unless the environment already sets them)."""
+    if uri.split(":", 1)[0].lower() in ("http", "https"):
+        for key, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+
+
+def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:
+    """None when the tracking store behind ``uri`` can be reached, else why not (a short, human-readable reason).
+
+    http(s) servers get a TCP connect with ``timeout`` seconds (no MLflow retries, so it fails in about that time);
+    for a ``sqlite:///`` store the database's directory is created; other schemes are trusted.
+    """
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        parsed = urlparse(uri)
+        if not parsed.hostname:
+            return f"no host in {uri!r}"
+        port = parsed.port or (443 if scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout):
+                return None
+        except OSError as exc:
+            return f"cannot connect to {parsed.hostname}:{port}: {exc}"
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        try:
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create the database directory: {exc}"
+    return None
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """Id of experiment ``name``, created with ``artifact_location`` when missing (an existing one keeps its own)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or set "
+                             "tracking.experiment to another name.")
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# -- MLflow -------------------------------------------------------------------------------------------------------
+
+
+class MlflowTracker(Tracker):
+    """Logs one MLflow run through ``MlflowClient`` (no global mlflow state).
+
+    After :meth:`start`, any MLflow error in a logging call logs one warning and turns this tracker off for the rest
+    of the run: training never crashes because of tracking (pair it with a :class:`JsonlTracker`).
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str = "pte", artifact_location: str | None = None):
+        from mlflow import MlflowClient
+
+        configure_http(tracking_uri)
+        self.tracking_uri, self.experiment, self.artifact_location = tracking_uri, experiment, artifact_location
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id: str | None = None
+        self.active = False
+        self._params: dict[str, str] = {}
+
+    def start(self, run_name: str | None = None, tags: dict[str, Any] | None = None,
+              run_id: str | None = None) -> str:
+        """Create (or, with ``run_id``, continue) the run; tags get the git SHA and the ``dvc.lock`` hash.
+
+        Raises:
+            Exception: whatever MLflow raises (unreachable or broken store); :func:`make_tracker` catches it.
+        """
+        all_tags = {**_context_tags(), **{k: str(v)[:MAX_TAG_CHARS] for k, v in (tags or {}).items()}}
+        if run_id is None:
+            exp_id = ensure_experiment(self.client, self.experiment, self.artifact_location)
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            self._batch(tags=all_tags)
+        self.run_id, self.active = run_id, True
+        return run_id
+
+    def _guard(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if not self.active:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # any tracking failure must not end training
+            self.active = False
+            log.warning("MLflow %s failed for run %s at %s (%s: %s); MLflow logging is off for the rest of this run, "
+                        "metrics still go to the local JSON-lines file.", what, self.run_id, self.tracking_uri,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+
+    def _batch(self, metrics: dict[str, float] | None = None, step: int = 0, params: dict[str, str] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        ts = int(time.time() * 1000)
+        items = ([Metric(k, v, ts, step) for k, v in (metrics or {}).items()]
+                 + [Param(k, v) for k, v in (params or {}).items()] + [RunTag(k, v) for k, v in (tags or {}).items()])
+        for i in range(0, len(items), _BATCH):
+            chunk = items[i : i + _BATCH]
+            self.client.log_batch(self.run_id, metrics=[x for x in chunk if isinstance(x, Metric)],
+                                  params=[x for x in chunk if isinstance(x, Param)],
+                                  tags=[x for x in chunk if isinstance(x, RunTag)])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flattened (``a.b``), stringified, truncated; a key already logged with another value is skipped (MLflow
+        params are immutable) with a warning."""
+        flat = {_metric_name(k)[:250]: v for k, v in flatten_params(params).items()}  # key rules = metric names
+        changed = sorted(k for k, v in flat.items() if k in self._params and self._params[k] != v)
+        if changed:
+            log.warning("MLflow params are immutable; not re-logging changed keys %s of run %s", changed[:5],
+                        self.run_id)
+        new = {k: v for k, v in flat.items() if k not in self._params}
+        if new and self.active:
+            self._guard("log_params", self._batch, params=new)
+            self._params.update(new)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        items = clean_metrics(metrics)
+        if items:
+            self._guard("log_metrics", self._batch, metrics=items, step=int(step))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+        self._guard("log_artifact", fn, self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        plain = json.loads(json.dumps(data, default=str))
+        self._guard("log_dict", self.client.log_dict, self.run_id, plain, artifact_file)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._guard("set_tags", self._batch, tags={k: str(v)[:MAX_TAG_CHARS] for k, v in tags.items()})
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED)."""
+        if self.active:
+            self._guard("close", self.client.set_terminated, self.run_id, status)
+            self.active = False
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        self.close(status)
+
+
+def make_tracker(cfg: TrackingConfig, run_name: str, out_dir: str | Path | None = None,
+                 tags: dict[str, Any] | None = None) -> Tracker:
+    """The tracker of one run: JSON-lines metrics in ``out_dir/metrics.jsonl`` plus MLflow when enabled and reachable.
+
+    An unreachable or failing tracking store is never fatal: it logs a warning and returns the JSON-lines tracker
+    alone (within a few seconds: a 3 s connect probe, then MLflow's capped retries).
+
+    Args:
+        cfg: the ``tracking`` section.
+        run_name: MLflow run name (e.g. ``train-pte``).
+        out_dir: where ``metrics.jsonl`` goes; None = no local file (for callers that write their own, such as
+            ``pte.train.Trainer``), in which case the fallback is a :class:`NullTracker`.
+        tags: extra run tags (method, stage, ...).
+
+    Returns:
+        ``MultiTracker(JsonlTracker, MlflowTracker)``, or the local tracker alone.
+    """
+    local: Tracker = JsonlTracker(Path(out_dir) / "metrics.jsonl") if out_dir is not None else NullTracker()
+    if not cfg.enabled:
+        return local
+    uri = cfg.resolved_uri()
+    where = f"{Path(out_dir) / 'metrics.jsonl'}" if out_dir is not None else "the trainer's own metrics file"
+    reason = unreachable_reason(uri)
+    if reason is None:
+        try:
+            remote = MlflowTracker(uri, cfg.experiment, cfg.resolved_artifact_location(uri))
+            remote.start(run_name, tags)
+            return MultiTracker(local, remote)
+        except Exception as exc:  # a broken tracking store must not stop training
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    log.warning("MLflow tracking at %s is unavailable (%s); run %r logs metrics only to %s. Start the server or fix "
+                "tracking.tracking_uri / MLFLOW_TRACKING_URI (tracking.enabled: false silences this).",
+                uri, reason, run_name, where)
+    return local

@@ -13,7 +13,9 @@ is left as it was. Checkpoints are atomic and a restarted run resumes from the l
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +111,7 @@ class Trainer:
                                        use_bias_correction_kl=params.grpo.use_bias_correction_kl)
         local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
         self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
+        self.tracker.log_params({"method": method, **params.to_dict()})
         self.step = 0
 
     # -- one step -------------------------------------------------------------------------------------------------
@@ -118,7 +121,8 @@ class Trainer:
         chunks, texts = [], []
         eos = eos_ids(self.model, self.tok)
         for c in range(0, len(prompts), cfg.rollout_batch):
-            ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device)
+            ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device,
+                                       system=self.params.data.system_prompt)
             seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
             gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
             out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
@@ -163,8 +167,8 @@ class Trainer:
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(f"step {self.step}: the loss is {loss.item()}; stopping before "
                                                     "the optimizer step (the last checkpoint is untouched).")
-                    self.engine.backward(loss)
-                    loss_total += float(loss)
+                    self.engine.backward(loss, scale_wrt_gas=False)
+                    loss_total += float(loss.detach())
                     stats = st if stats is None else stats + st
                     if mask[:, cols].any():
                         diff = (lp.detach() - old[:, cols]).abs()[mask[:, cols].bool()].max()
@@ -219,14 +223,28 @@ class Trainer:
         save_checkpoint(self.engine, self.out_dir / "checkpoints", self.step, meta, adapter_state_dict(self.model),
                         keep=self.params.train.keep_checkpoints)
 
+    def _run_signature(self, params: dict) -> dict:
+        """The settings a checkpoint must share to be resumed (the step budget and I/O cadence may change)."""
+        train = {k: v for k, v in params.get("train", {}).items()
+                 if k not in ("steps", "save_every", "keep_checkpoints", "threads", "methods")}
+        keep = ("base", "model", "cache", "adapter", "pte", "grpo")
+        return {**{k: params.get(k) for k in keep}, "train": train}
+
     def resume(self) -> bool:
+        """Continue from the latest checkpoint; a checkpoint of other settings is discarded (fresh start)."""
         path = latest_checkpoint(self.out_dir / "checkpoints")
         if path is None:
             return False
+        saved = json.loads((path / "meta.json").read_text())
+        if saved.get("method") != self.method or (
+                self._run_signature(saved.get("params", {})) != self._run_signature(self.params.to_dict())):
+            log.warning("checkpoints in %s were written with other settings or another method; starting over",
+                        self.out_dir / "checkpoints")
+            if is_main():
+                shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return False
         meta = load_checkpoint(self.engine, path)
-        if meta.get("method") != self.method:
-            raise ValueError(f"checkpoint {path} is for method {meta.get('method')!r}, not {self.method!r}; use "
-                             "another output directory or delete it.")
         self.step = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return True

@@ -1,0 +1,162 @@
+"""Pipeline stage entry points: what ``dvc.yaml`` and the Prefect flows run, as ``pte <stage> --params ...``.
+
+Each stage reads ``params.yaml``, calls one function of the package and writes its outputs and a
+``metrics.json`` (for DVC). They only wire: the logic lives in the modules they call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pte.config import Params, load_params
+
+__all__ = ["add_stage_parsers", "stage_base_model", "stage_data", "stage_evaluate", "stage_register", "stage_train"]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def with_base(params: Params, base: str | None) -> Params:
+    """``params`` with ``model.source`` replaced by the base-model stage's output directory."""
+    if base is None:
+        return params
+    return dataclasses.replace(params, model=dataclasses.replace(params.model, source=str(base)))
+
+
+def stage_base_model(params: Params, out: Path) -> dict[str, Any]:
+    """Load ``model.source`` (hub id, GGUF, package file) once and write it as a plain HF directory."""
+    from pte.models import load_model, save_hf
+
+    dtype = "float32" if params.model.dtype == "auto" else params.model.dtype
+    model, tok = load_model(params.model.source, dtype=dtype, revision=params.model.revision, seed=params.base.seed)
+    save_hf(model, tok, out)
+    n = sum(p.numel() for p in model.parameters())
+    return {"parameters": n, "model_type": model.config.model_type, "layers": model.config.num_hidden_layers}
+
+
+def stage_data(params: Params, out: Path) -> dict[str, Any]:
+    """Build the train / eval JSONL splits (offline generators, CHAMP, or hub datasets)."""
+    from pte.data import prepare_data
+
+    return prepare_data(params.data, out)
+
+
+def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
+                progress: bool = True) -> dict[str, Any]:
+    """GRPO-train ``method`` on the rows of ``data``; writes ``out/{adapter,checkpoints,metrics.jsonl}``."""
+    from pte.data import format_prompt, read_jsonl
+    from pte.tracking import make_tracker, read_metrics
+    from pte.train import train
+
+    params = with_base(params, base)
+    rows = read_jsonl(data)
+    prompts = [format_prompt(r.problem, params.data) for r in rows]
+    # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
+    tracker = make_tracker(params.tracking, run_name=f"train-{method}", tags={"method": method, "stage": "train"})
+    try:
+        train(params, method, prompts, [r.answer for r in rows], out, tracker=tracker, resume=resume,
+              progress=progress)
+    finally:
+        tracker.close()
+    history = read_metrics(out / "metrics.jsonl")
+    summary: dict[str, Any] = {"method": method, "steps": len(history)}
+    if history:
+        k = max(1, len(history) // 4)
+        summary.update(reward_first=sum(r["reward"] for r in history[:k]) / k,
+                       reward_last=sum(r["reward"] for r in history[-k:]) / k,
+                       peak_memory_bytes=max(r["memory/peak_bytes"] for r in history))
+    return summary
+
+
+def stage_evaluate(params: Params, base: str | None, models: Path, data: Path, out: Path) -> dict[str, Any]:
+    """Every method of ``evaluate.methods`` under every budget of ``evaluate.budgets``; reports under ``out``."""
+    from pte.data import read_jsonl
+    from pte.evaluate import evaluate_all
+
+    adapters = {m: None if m == "base" else models / m / "adapter" for m in params.evaluate.methods}
+    dtype = "float32" if params.model.dtype == "auto" else params.model.dtype
+    metrics = evaluate_all(base or params.model.source, adapters, read_jsonl(data), params.evaluate, params.data,
+                           out, params.base.seed, dtype=dtype)
+    return metrics["summary"]
+
+
+def stage_register(params: Params, base: str | None, adapter: Path, metrics: Path) -> dict[str, Any]:
+    """Register the trained policy in MLflow; ``champion`` only when it beats the current one."""
+    from pte.config import CacheConfig
+    from pte.registry import register
+
+    ev = params.evaluate
+    budget = params.registry.budget_key()
+    cache = CacheConfig(window=None) if budget == "full" else params.cache
+    if budget not in ("full", "min"):
+        cache = CacheConfig(window=None, budget=int(budget), evict_ratio=ev.evict_ratio)
+    elif budget == "min" and any(b is not None for b in ev.budgets):
+        cache = CacheConfig(window=None, budget=min(b for b in ev.budgets if b is not None), evict_ratio=ev.evict_ratio)
+    return register(adapter, base or params.model.source, metrics, params.registry, params.tracking, cache=cache,
+                    sampling=ev.sampling(), base_source=params.model.source, seed=params.base.seed)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    out = Path(args.out)
+    if args.command == "base-model":
+        summary = stage_base_model(params, out)
+        _write_json(Path(args.metrics or out.parent / "base_model_metrics.json"), summary)
+    elif args.command == "data":
+        summary = stage_data(params, out)
+        _write_json(out / "stats.json", summary)
+    elif args.command == "train":
+        summary = stage_train(params, args.method, args.base, Path(args.data), out, resume=not args.no_resume)
+        _write_json(out / "metrics.json", summary)
+    elif args.command == "evaluate":
+        summary = stage_evaluate(params, args.base, Path(args.models), Path(args.data), out)
+    elif args.command == "register":
+        summary = stage_register(params, args.base, Path(args.adapter), Path(args.metrics))
+        _write_json(out / "registration.json", summary)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def add_stage_parsers(sub) -> None:
+    """Register the stage commands on the ``pte`` command."""
+    p = sub.add_parser("base-model", help="convert model.source into a plain HF directory (models/base)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="models/base")
+    p.add_argument("--metrics", help="where to write the stage summary JSON")
+    p.set_defaults(func=_cmd)
+
+    p = sub.add_parser("data", help="build data/train.jsonl and data/eval.jsonl")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="data")
+    p.set_defaults(func=_cmd)
+
+    p = sub.add_parser("train", help="cache-aware GRPO training of one method")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--method", required=True, help="lora, lora_c, pte, pte_global_only or pte_no_global")
+    p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--data", default="data/train.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-resume", action="store_true", help="fail instead of resuming existing checkpoints")
+    p.set_defaults(func=_cmd)
+
+    p = sub.add_parser("evaluate", help="accuracy of every method under every cache budget, with plots")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--models", default="models", help="folder holding <method>/adapter for each trained method")
+    p.add_argument("--data", default="data/eval.jsonl")
+    p.add_argument("--out", default="reports/evaluate")
+    p.set_defaults(func=_cmd)
+
+    p = sub.add_parser("register", help="register the trained policy in MLflow (champion / challenger)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--adapter", default="models/pte/adapter")
+    p.add_argument("--metrics", default="reports/evaluate/metrics.json")
+    p.add_argument("--out", default="reports/register")
+    p.set_defaults(func=_cmd)

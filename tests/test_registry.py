@@ -1,0 +1,184 @@
+"""Registry: metric selection, champion / challenger promotion, and the pyfunc predictor under the bounded cache.
+
+Offline: a tiny random Llama saved as an HF directory, a fresh PTE adapter, a temporary sqlite tracking store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from pte.config import (  # noqa: E402
+    AdapterConfig,
+    CacheConfig,
+    PTEConfig,
+    RegistryConfig,
+    SamplingConfig,
+    TrackingConfig,
+)
+from pte.registry import CHALLENGER, CHAMPION, load_champion, register, select_metric  # noqa: E402
+
+CACHE = CacheConfig(window=8, evict_ratio=0.25)
+SAMPLING = SamplingConfig(max_new_tokens=24, temperature=0.0)
+
+
+def _metrics(acc_64: float) -> dict:
+    """The evaluate stage's metrics.json shape: {method: {budget: metrics}} plus a flat summary."""
+    return {"pte": {"full": {"accuracy": 0.9}, "64": {"accuracy": acc_64}, "128": {"accuracy": 0.8}},
+            "lora": {"64": {"accuracy": 0.99}}, "summary": {"pte/64/accuracy": acc_64, "pte/accuracy_mean": 0.7}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls are ~50x slower with threads competing on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> tuple[Path, Path]:
+    """(base HF directory, fresh PTE adapter directory)."""
+    from pte.adapters import attach_adapter, save_adapter
+    from pte.models import load_model, save_hf
+
+    root = tmp_path_factory.mktemp("policy")
+    model, tok = load_model("random:llama-tiny")
+    base = save_hf(model, tok, root / "base")
+    model = attach_adapter(model, "pte", AdapterConfig(rank=4), PTEConfig(global_tokens=4))
+    adapter = save_adapter(model, root / "adapter", "pte", AdapterConfig(rank=4), PTEConfig(global_tokens=4),
+                           base_model="random:llama-tiny")
+    return base, adapter
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> TrackingConfig:
+    """One sqlite store for the module (models get distinct names), copied from the session's migrated template."""
+    from mlflow import MlflowClient
+
+    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
+    if not template.exists():
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    root = tmp_path_factory.mktemp("mlflow")
+    shutil.copy(template, root / "mlflow.db")
+    return TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=str(root / "artifacts"))
+
+
+def test_select_metric_shapes():
+    m = _metrics(0.5)
+    assert select_metric(m, "accuracy", "min", "pte") == (0.5, "64")
+    assert select_metric(m, "accuracy", "full", "pte") == (0.9, "full")
+    assert select_metric(m, "accuracy", "128", "pte") == (0.8, "128")
+    assert select_metric(m, "accuracy", "min", "lora") == (0.99, "64")
+    assert select_metric({"budget_32": {"pass@4": 0.3}, "full": {"pass@4": 0.6}}, "pass@4") == (0.3, "32")
+    assert select_metric({"accuracy": 0.4}, "accuracy", "64") == (0.4, "any")
+    assert select_metric({"256": {"accuracy": None}, "512": {"accuracy": 0.2}}, "accuracy") == (0.2, "512")
+    with pytest.raises(ValueError, match="registry.metric"):
+        select_metric(m, "f1", "min", "pte")
+    with pytest.raises(ValueError, match="registry.budget.*'64', '128', 'full'"):
+        select_metric(m, "accuracy", "32", "pte")
+    with pytest.raises(ValueError, match="ambiguous"):
+        select_metric(m, "accuracy", "64")  # two methods, none named
+
+
+def _alias_version(tracking: TrackingConfig, name: str, alias: str) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri)
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def test_champion_challenger_and_bounded_predictor(policy, tracking, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pte.inference import Generator, encode_prompts
+
+    base, adapter = policy
+    cfg = RegistryConfig(model_name="pte-tiny", budget="min")
+    kw = dict(cfg=cfg, tracking=tracking, cache=CACHE, sampling=SAMPLING)
+
+    first = register(adapter, base, _metrics(0.5), **kw)
+    assert first["alias"] == CHAMPION and first["previous_champion"] is None and first["budget"] == "64"
+    second = register(adapter, base, _metrics(0.4), **kw)
+    assert second["alias"] == CHALLENGER and second["previous_champion"] == {"version": "1", "metric": 0.5}
+    assert _alias_version(tracking, "pte-tiny", CHAMPION) == "1"
+    assert _alias_version(tracking, "pte-tiny", CHALLENGER) == "2"
+    third = register(adapter, base, _metrics(0.6), **kw)
+    assert third["alias"] == CHAMPION and third["previous_champion"] == {"version": "1", "metric": 0.5}
+    assert _alias_version(tracking, "pte-tiny", CHAMPION) == "3"
+
+    tags = MlflowClient(tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri).get_model_version(
+        "pte-tiny", "3").tags
+    assert tags["pte.metric"] == "0.6" and tags["pte.metric_name"] == "accuracy" and tags["pte.budget"] == "64"
+    assert tags["pte.method"] == "pte" and tags["pte.git_sha"] and tags["pte.base_model"] == "random:llama-tiny"
+
+    # the champion loads offline from the registry and generates under the registered bounded cache
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/pte-tiny@champion")
+    out = model.predict(pd.DataFrame({"prompt": ["2+2="]}))
+    assert list(out.columns) == ["text", "num_evictions", "max_cache_tokens", "finished"] and len(out) == 1
+    gen = Generator.load(str(base), str(adapter))
+    prompt_block = encode_prompts(gen.tokenizer, ["2+2="])[0].shape[1]
+    assert isinstance(out.text[0], str) and out.num_evictions[0] >= 1
+    assert out.max_cache_tokens[0] <= prompt_block + CACHE.window
+    assert out.text[0] == gen(["2+2="], CACHE, SAMPLING)[0]["text"]  # same policy, cache and decoding as registered
+    # other input forms; the convenience loader
+    assert len(model.predict(["a", "bb"])) == 2 and len(model.predict({"prompt": "a"})) == 1
+    assert load_champion("pte-tiny", tracking.tracking_uri).predict(["2+2="]).text[0] == out.text[0]
+
+
+def test_base_model_by_reference_into_the_training_run(policy, tracking, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pte.tracking import make_tracker
+
+    _, adapter = policy
+    train = make_tracker(tracking, "train-pte", tmp_path)
+    train.close()
+    run_id = train.trackers[1].run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")  # the user's setting survives register()
+    cfg = RegistryConfig(budget="full", include_base_model=False)  # default name from the adapter's base model
+    info = register(adapter, "random:llama-tiny", _metrics(0.5), cfg=cfg, tracking=tracking, cache=CACHE,
+                    sampling=SAMPLING, run_id=run_id)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+    assert info["name"] == "pte-random-llama-tiny" and info["alias"] == CHAMPION and info["metric"] == 0.9
+    run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(run_id)
+    assert info["run_id"] == run_id and run.data.tags["pte.registered_model"] == info["name"]
+    assert run.data.metrics["eval/pte/64/accuracy"] == 0.5
+    model = load_champion(info["name"], tracking.tracking_uri, model_config={"max_new_tokens": 4})
+    assert model.model_config["base_model_ref"] == "random:llama-tiny"
+    out = model.predict(["2+2="])
+    assert isinstance(out.text[0], str) and len(out.text[0]) <= 4 * 4  # at most 4 byte tokens
+
+
+def test_unreachable_server_raises_clear_error_fast(policy):
+    base, adapter = policy
+    dead = TrackingConfig(tracking_uri="http://127.0.0.1:1")
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"http://127\.0\.0\.1:1.*intact.*dvc repro register"):
+        register(adapter, base, _metrics(0.5), tracking=dead, cache=CACHE, sampling=SAMPLING)
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:1"):
+        load_champion("pte-tiny", "http://127.0.0.1:1")
+    assert time.monotonic() - t0 < 10
+
+
+def test_bad_inputs_fail_before_contacting_the_server(policy, tmp_path):
+    base, adapter = policy
+    dead = TrackingConfig(tracking_uri="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="registry.metric"):
+        register(adapter, base, {"pte": {"64": {"f1": 1.0}}}, tracking=dead)
+    with pytest.raises(FileNotFoundError, match="pte_adapter.json"):
+        register(tmp_path, base, _metrics(0.5), tracking=dead)
