@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISA
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: install test test-all lint bench clean
+.PHONY: install test test-all lint bench run preset clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
+
+# The main job: the default (cpu-demo) pipeline, ending with a registered model in the local MLflow registry.
+run: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# Switch presets without editing files: make preset NAME=smoke
+preset:
+	@test -f presets/$(NAME).yaml || { echo "unknown preset '$(NAME)'; available: $$(ls presets | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
+	cp presets/$(NAME).yaml params.yaml
+	@echo "params.yaml <- presets/$(NAME).yaml"
 
 lint: install
 	$(BIN)/ruff check pte tests bench
