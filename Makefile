@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISA
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: install test test-all lint bench run preset clean
+.PHONY: install test test-all lint bench run preset flow serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,15 @@ preset:
 	cp presets/$(NAME).yaml params.yaml
 	@echo "params.yaml <- presets/$(NAME).yaml"
 
+# The pipeline as a Prefect flow run (ephemeral server), and the nightly schedule served from one process.
+flow: install
+	$(BIN)/python flows/pipeline.py --preset $(or $(PRESET),cpu-demo)
+
+serve: install
+	$(BIN)/python flows/pipeline.py --serve
+
 lint: install
-	$(BIN)/ruff check pte tests bench
+	$(BIN)/ruff check pte tests bench flows
 
 bench: install
 	$(BIN)/python bench/rollout.py
