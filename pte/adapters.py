@@ -28,7 +28,7 @@ from torch import nn
 
 from pte.cache import Evicted
 from pte.config import AdapterConfig, PTEConfig, section_from_dict
-from pte.state import ThoughtEncoder, ThoughtState, flatten_heads, normalize_rows, unrotate_keys
+from pte.state import SegmentState, ThoughtEncoder, ThoughtState, flatten_heads, normalize_rows, unrotate_keys
 
 __all__ = [
     "METHODS",
@@ -74,7 +74,8 @@ class StateBank:
     """Shared between a model's PTE modules: the state in use and the on/off switch (not an nn.Module)."""
 
     def __init__(self):
-        self.state: ThoughtState | None = None
+        # the batch's state: a ThoughtState while sampling, a SegmentState while replaying (both expose `current`)
+        self.state: ThoughtState | SegmentState | None = None
         self.enabled = True
 
 
