@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 Record = dict[str, Any]
 
 
+_MEASURED = ("seconds", "peak_memory_bytes", "process_peak_rss_bytes")
+
+
 def budget_label(budget: int | None) -> str:
     """``"full"`` for the full cache, else ``str(C)``: the key of a budget in ``metrics.json`` and file names."""
     return "full" if budget is None else str(budget)
@@ -348,7 +351,8 @@ def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | No
         progress: progress bars and durations.
 
     Writes:
-        ``metrics.json`` ({method: {budget_label: metrics}, "summary": flat}; numbers only), ``over_budget.json``
+        ``metrics.json`` ({method: {budget_label: metrics}, "summary": flat}; numbers only, no wall time or measured
+        memory: those go to ``resources.json``, so reruns give identical metrics), ``over_budget.json``
         ({budget_label: [problem ids]}), ``metrics.md`` (:func:`metrics_table`), ``samples/<method>_<budget>.jsonl``,
         and ``plots/`` (three PNGs, each with a JSON file of its points; see :func:`pte.plots.write_plots`).
 
@@ -381,7 +385,12 @@ def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | No
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     report: dict[str, Any] = {**results, "summary": _summary(results)}
-    _write_json(out / "metrics.json", report)
+    # Wall time and measured memory vary between machines and runs; they go to resources.json so that
+    # metrics.json (what DVC compares) is identical across reruns and clones.
+    resources = {m: {b: {k: v.pop(k) for k in _MEASURED if k in v} for b, v in per.items()}
+                 for m, per in results.items()}
+    _write_json(out / "metrics.json", {**results, "summary": report["summary"]})
+    _write_json(out / "resources.json", resources)
     _write_json(out / "over_budget.json", over_ids)
     (out / "metrics.md").write_text(metrics_table(results) + "\n")
     write_plots(results, records, cfg, out / "plots")
