@@ -69,6 +69,13 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
+def write_result(path: str | Path, result: dict) -> None:
+    """Write a benchmark's JSON result (creating its folder) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, device: str, dtype: str) -> dict:
     import torch
 
@@ -165,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": date.today().isoformat(), "device": args.device, "platform": platform.platform(),
               "cpu_count": os.cpu_count(), "model": args.model, "batch": args.batch, "window": args.window,
               "dtype": args.dtype, "runs": rows, "summary": summary, "peak_growth": growth}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -22,7 +22,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import DEFAULT_MODEL, PROMPT, PeakRSS, _local_model  # noqa: E402
+from rollout import DEFAULT_MODEL, PROMPT, PeakRSS, _local_model, write_result  # noqa: E402
 
 IMPLS = ("pte", "lora_c", "lora", "trl")
 
@@ -139,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": date.today().isoformat(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "model": args.model, "group": args.group, "rank": args.rank, "window": args.window,
               "memory": "process RSS peak during the step (CPU)", "runs": rows, "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

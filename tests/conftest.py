@@ -39,6 +39,15 @@ def batch(tok, prompts=PROMPTS):
     return enc["input_ids"], enc["attention_mask"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from intra-op threads, and they stall badly on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -36,13 +36,7 @@ CFG = EvalConfig(methods=("base",), budgets=(None,), num_samples=2, pass_k=(1, 2
                  max_new_tokens=16, batch_size=4, bootstrap=200)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 64-wide model gains nothing from intra-op threads, and they stall badly on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

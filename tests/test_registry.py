@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
-from pte.config import (  # noqa: E402
+from pte.config import (
     AdapterConfig,
     CacheConfig,
     PTEConfig,
@@ -23,7 +20,7 @@ from pte.config import (  # noqa: E402
     SamplingConfig,
     TrackingConfig,
 )
-from pte.registry import CHALLENGER, CHAMPION, load_champion, register, select_metric  # noqa: E402
+from pte.registry import CHALLENGER, CHAMPION, load_champion, register, select_metric
 
 CACHE = CacheConfig(window=8, evict_ratio=0.25)
 SAMPLING = SamplingConfig(max_new_tokens=24, temperature=0.0)
@@ -35,15 +32,7 @@ def _metrics(acc_64: float) -> dict:
             "lora": {"64": {"accuracy": 0.99}}, "summary": {"pte/64/accuracy": acc_64, "pte/accuracy_mean": 0.7}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls are ~50x slower with threads competing on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

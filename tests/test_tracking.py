@@ -10,18 +10,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
-from pte.config import RegistryConfig, TrackingConfig, params_from_dict  # noqa: E402
-from pte.tracking import (  # noqa: E402
+from pte.config import RegistryConfig, TrackingConfig, params_from_dict
+from pte.tracking import (
     JsonlTracker,
     MlflowTracker,
     MultiTracker,
