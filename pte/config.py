@@ -36,6 +36,7 @@ __all__ = [
     "SamplingConfig",
     "TrackingConfig",
     "TrainConfig",
+    "WarmstartConfig",
     "load_params",
     "params_from_dict",
 ]
@@ -306,6 +307,39 @@ class TrainConfig:
                              f"`train.micro_batch` = {self.micro_batch}; make it one.")
 
 
+@dataclass(frozen=True)
+class WarmstartConfig:
+    """The ``warmstart`` stage (DESIGN 5): supervised fine-tuning of the base on worked solutions of
+    ``data.warmstart`` before GRPO, so that a small base already reasons in the task's format. Full fine-tuning
+    with TRL's ``SFTTrainer``, loss on the completion only."""
+
+    enabled: bool = False
+    """Run the stage; when false, later stages use the base model as it is."""
+    epochs: float = 1.0
+    """Passes over the warm-start problems."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    batch_size: int = 8
+    """Examples per optimizer step."""
+    warmup: float = 0.1
+    """Fraction of the steps spent warming the learning rate up (then cosine decay to zero)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_length: int = 512
+    """Longest prompt + solution in tokens; longer examples are truncated."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default). The model is bit-identical only for the same thread count."""
+
+    def __post_init__(self) -> None:
+        _check_range("warmstart.epochs", self.epochs, 0.0, lo_open=True)
+        _check_range("warmstart.lr", self.lr, 0.0, lo_open=True)
+        _check_range("warmstart.batch_size", self.batch_size, 1)
+        _check_range("warmstart.warmup", self.warmup, 0.0, 1.0, hi_open=True)
+        _check_range("warmstart.weight_decay", self.weight_decay, 0.0)
+        _check_range("warmstart.max_length", self.max_length, 2)
+        _check_range("warmstart.threads", self.threads, 0)
+
+
 EVAL_METHODS = ("base", "lora", "lora_c", "pte", "pte_global_only", "pte_no_global")
 """= ``pte.adapters.METHODS`` (a test keeps them equal); importing adapters here would pull torch into the config."""
 
@@ -504,9 +538,15 @@ class Params:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=lambda: _data_config_cls()())
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def __post_init__(self) -> None:
+        if self.warmstart.enabled and not self.data.warmstart:
+            raise ValueError("params: `warmstart.enabled` is true but `data.warmstart` lists no source; add one, e.g. "
+                             "{name: var_chain, size: 256, seed: 7}, or set warmstart.enabled: false.")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (tuples become lists), for logging and checkpoints."""

@@ -1,11 +1,12 @@
-"""Training and evaluation data: sources -> disjoint train/eval rows -> ``data/{train,eval}.jsonl``; prompt text.
+"""Training and evaluation data: sources -> disjoint rows -> ``data/{train,eval,warmstart}.jsonl``; prompt text.
 
 What it does:
-    * :class:`DataConfig` (the ``data:`` section of ``params.yaml``) lists the train and eval sources
+    * :class:`DataConfig` (the ``data:`` section of ``params.yaml``) lists the train, eval and warm-start sources
       (:class:`~pte.sources.SourceSpec`) and the prompt template; :func:`data_config_from_dict` parses it.
-    * :func:`build_splits` loads every source (``sources.py``) and guarantees that no eval problem appears in train:
-      train rows whose normalized problem text (lower-cased, whitespace collapsed) occurs in eval are dropped and
-      counted; repeated problems inside a split are dropped too (``dedupe``); ids are unique across both splits.
+    * :func:`build_splits` loads every source (``sources.py``) and guarantees that no eval problem appears in train
+      or warm-start rows, and no train problem in warm-start rows: rows whose normalized problem text (lower-cased,
+      whitespace collapsed) occurs in an earlier split are dropped and counted; repeated problems inside a split
+      are dropped too (``dedupe``); ids are unique across the three splits.
     * :func:`write_jsonl` / :func:`read_jsonl`: the one row schema ``{id, source, problem, answer}``, written
       byte-identically on reruns and validated line by line on reading (errors name the file and the line).
     * :func:`format_prompt` / :func:`chat_messages`: the user message (problem + instruction) and the chat
@@ -46,6 +47,7 @@ PROMPT_TEMPLATES: dict[str, str] = {
 """Named prompt templates; ``data.prompt_template`` is one of these names or a text containing ``{problem}``."""
 
 _EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+SPLITS = ("train", "eval", "warmstart")
 _EVAL_SEED = 1_000_003  # far from the train seeds: reasoning-gym item i of seed s is Random(s + i)
 
 
@@ -64,6 +66,9 @@ class DataConfig:
         SourceSpec("champ", size=32, seed=0, kwargs={"numeric_only": True}),
     )
     """Held-out evaluation sources; their problems are removed from train."""
+    warmstart: tuple[SourceSpec, ...] = ()
+    """Problems whose worked solutions the ``warmstart`` stage fine-tunes on (``pte.tasks.worked_solution`` must
+    solve them); any that also occur in eval or train are removed. Empty = no warm start data."""
     prompt_template: str = "boxed"
     """A key of :data:`PROMPT_TEMPLATES`, or a text containing ``{problem}`` (the only placeholder)."""
     system_prompt: str | None = None
@@ -72,9 +77,9 @@ class DataConfig:
     """Drop repeated problems inside each split (the first is kept); overlap with eval is always removed."""
 
     def __post_init__(self) -> None:
-        for split in ("train", "eval"):
+        for split in SPLITS:
             specs = getattr(self, split)
-            if not specs:
+            if not specs and split != "warmstart":
                 raise ValueError(f"params: `data.{split}` is empty; list at least one source, e.g. "
                                  "{name: champ} or {name: reasoning_gym:chain_sum, size: 100, seed: 0}.")
             for i, spec in enumerate(specs):
@@ -124,7 +129,7 @@ def data_config_from_dict(data: dict[str, Any] | None, section: str = "data") ->
         raise ValueError(f"params: `{section}` = {data!r} is invalid; allowed: a mapping with keys "
                          f"{[f.name for f in dataclasses.fields(DataConfig)]}.")
     specs = {}
-    for split in ("train", "eval"):
+    for split in SPLITS:
         if split in data:
             entries = data[split]
             if not isinstance(entries, list):
@@ -243,74 +248,85 @@ def _counts(rows: list[Row]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _assemble(cfg: DataConfig) -> tuple[list[Row], list[Row], dict[str, Any]]:
-    loaded = {split: [load_source(s, f"data.{split}[{i}]") for i, s in enumerate(getattr(cfg, split))]
-              for split in ("train", "eval")}
-    train = [r for rows in loaded["train"] for r in rows]
-    ev = [r for rows in loaded["eval"] for r in rows]
-    generated = {"train": len(train), "eval": len(ev)}
-    dup_train = dup_eval = 0
+def _assemble(cfg: DataConfig) -> tuple[dict[str, list[Row]], dict[str, Any]]:
+    loaded = {split: [r for i, spec in enumerate(getattr(cfg, split)) for r in load_source(spec, f"data.{split}[{i}]")]
+              for split in SPLITS}
+    generated = {split: len(rows) for split, rows in loaded.items()}
+    dups = dict.fromkeys(SPLITS, 0)
+    ev = loaded["eval"]
     if cfg.dedupe:
-        ev, dup_eval = _dedupe(ev)
-    eval_keys = {normalize_problem(r.problem) for r in ev}
-    before = len(train)
-    train = [r for r in train if normalize_problem(r.problem) not in eval_keys]
-    overlap = before - len(train)
+        ev, dups["eval"] = _dedupe(ev)
+    seen = {normalize_problem(r.problem) for r in ev}
+    train = [r for r in loaded["train"] if normalize_problem(r.problem) not in seen]
+    overlap = {"train": len(loaded["train"]) - len(train)}
     if cfg.dedupe:
-        train, dup_train = _dedupe(train)
-    _check_unique_ids(train, ev)
-    stats = {"train": {"rows": len(train), "per_source": _counts(train)},
-             "eval": {"rows": len(ev), "per_source": _counts(ev)},
+        train, dups["train"] = _dedupe(train)
+    # warm-start problems are disjoint from eval (held out) and from train (GRPO should not see memorized answers)
+    seen |= {normalize_problem(r.problem) for r in train}
+    warm = [r for r in loaded["warmstart"] if normalize_problem(r.problem) not in seen]
+    overlap["warmstart"] = len(loaded["warmstart"]) - len(warm)
+    if cfg.dedupe:
+        warm, dups["warmstart"] = _dedupe(warm)
+    splits = {"train": train, "eval": ev, "warmstart": warm}
+    _check_unique_ids(splits)
+    stats = {**{split: {"rows": len(rows), "per_source": _counts(rows)} for split, rows in splits.items()},
              "generated": generated,
-             "dropped": {"train_overlapping_eval": overlap, "train_duplicates": dup_train, "eval_duplicates": dup_eval}}
-    return train, ev, stats
+             "dropped": {"train_overlapping_eval": overlap["train"],
+                         "warmstart_overlapping_train_or_eval": overlap["warmstart"],
+                         **{f"{split}_duplicates": n for split, n in dups.items()}}}
+    return splits, stats
 
 
-def _check_unique_ids(train: list[Row], ev: list[Row]) -> None:
+def _check_unique_ids(splits: dict[str, list[Row]]) -> None:
     where: dict[str, list[str]] = {}
-    for split, rows in (("train", train), ("eval", ev)):
+    for split, rows in splits.items():
         for i, r in enumerate(rows):
             where.setdefault(r.id, []).append(f"{split}[{i}]")
     dups = [(i, w) for i, w in where.items() if len(w) > 1]
     if dups:
         shown = "; ".join(f"{i!r} at {', '.join(w)}" for i, w in dups[:5])
-        raise ValueError(f"data: {len(dups)} id(s) occur more than once across train and eval: {shown}. Two entries "
-                         "of the same source with the same seed but different settings give the same ids; give "
-                         "them different seeds (far apart for reasoning_gym).")
+        raise ValueError(f"data: {len(dups)} id(s) occur more than once across {'/'.join(splits)}: {shown}. Two "
+                         "entries of the same source with the same seed but different settings give the same ids; "
+                         "give them different seeds (far apart for reasoning_gym).")
 
 
-def build_splits(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
-    """Load every source of ``cfg`` and return ``(train_rows, eval_rows)``, deterministic in ``cfg``.
+def build_splits(cfg: DataConfig) -> dict[str, list[Row]]:
+    """Load every source of ``cfg``: ``{"train": rows, "eval": rows, "warmstart": rows}``, deterministic in ``cfg``.
 
-    No train problem equals an eval problem after :func:`normalize_problem` (such train rows are dropped and the
-    count is logged); ids are unique across both lists.
+    No train or warm-start problem equals an eval problem, and no warm-start problem equals a train problem, after
+    :func:`normalize_problem` (such rows are dropped and counted); ids are unique across the three lists.
 
     Raises:
         ValueError: bad settings, bad rows, or colliding ids (the message says which).
         pte.sources.SourceUnavailableError: a hub source is offline/unreachable and has no ``local_path``.
     """
-    train, ev, stats = _assemble(cfg)
+    splits, stats = _assemble(cfg)
     _log_stats(stats)
-    return train, ev
+    return splits
 
 
 def _log_stats(stats: dict[str, Any]) -> None:
     d = stats["dropped"]
-    log.info("data: %d train rows %s, %d eval rows %s; dropped %d train rows that overlap eval, %d/%d repeated "
-             "problems in train/eval", stats["train"]["rows"], stats["train"]["per_source"], stats["eval"]["rows"],
-             stats["eval"]["per_source"], d["train_overlapping_eval"], d["train_duplicates"], d["eval_duplicates"])
+    log.info("data: %d train rows %s, %d eval rows %s, %d warm-start rows %s; dropped %d train rows that overlap eval, "
+             "%d warm-start rows that overlap train or eval, %d/%d/%d repeated problems in train/eval/warmstart",
+             stats["train"]["rows"], stats["train"]["per_source"], stats["eval"]["rows"], stats["eval"]["per_source"],
+             stats["warmstart"]["rows"], stats["warmstart"]["per_source"], d["train_overlapping_eval"],
+             d["warmstart_overlapping_train_or_eval"], d["train_duplicates"], d["eval_duplicates"],
+             d["warmstart_duplicates"])
 
 
 def prepare_data(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
-    """The ``data`` stage: write ``out_dir/train.jsonl`` and ``out_dir/eval.jsonl``; byte-identical on reruns.
+    """The ``data`` stage: write ``out_dir/{train,eval,warmstart}.jsonl``; byte-identical on reruns.
+
+    ``warmstart.jsonl`` is empty when ``data.warmstart`` lists no source.
 
     Returns:
-        Summary stats: ``train``/``eval`` (``rows``, ``per_source``), ``generated`` (rows before filtering) and
-        ``dropped`` (``train_overlapping_eval``, ``train_duplicates``, ``eval_duplicates``).
+        Summary stats: per split (``train``, ``eval``, ``warmstart``) ``rows`` and ``per_source``; ``generated``
+        (rows before filtering) and ``dropped`` (overlaps and repeats removed, per split).
     """
-    train, ev, stats = _assemble(cfg)
+    splits, stats = _assemble(cfg)
     _log_stats(stats)
     out = Path(out_dir)
-    write_jsonl(train, out / "train.jsonl")
-    write_jsonl(ev, out / "eval.jsonl")
+    for split, rows in splits.items():
+        write_jsonl(rows, out / f"{split}.jsonl")
     return stats

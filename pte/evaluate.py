@@ -119,8 +119,10 @@ def summarize(records: Sequence[Record], pass_k: Sequence[int] = (1,), n_resampl
     Returns:
         ``accuracy`` (mean over problems of c/n = pass@1 averaged over samples), ``accuracy_ci_low/high`` (bootstrap
         over problems), ``pass@k`` for every k that every problem has enough samples for, ``mean_length`` (generated
-        tokens), ``truncation_rate`` (share of samples not ended by EOS), ``evictions_per_sample``, ``num_problems``,
-        ``num_samples``. Means over no records are None.
+        tokens), ``median_length``, ``truncation_rate`` (share of samples not ended by EOS), ``boxed_rate`` (share of
+        completions with a ``\\boxed{`` answer), ``mixed_groups`` (share of problems with >= 2 samples whose samples
+        are neither all right nor all wrong: the groups in which GRPO gets a signal), ``evictions_per_sample``,
+        ``num_problems``, ``num_samples``. Means over no records are None.
     """
     groups: dict[str, list[bool]] = {}
     for r in records:
@@ -133,8 +135,11 @@ def summarize(records: Sequence[Record], pass_k: Sequence[int] = (1,), n_resampl
     for k in pass_k:
         if counts and all(n >= k for n, _ in counts):
             out[f"pass@{k}"] = _mean([pass_at_k(n, c, k) for n, c in counts])
-    out.update(mean_length=_mean([float(r["length"]) for r in records]),
+    lengths = [float(r["length"]) for r in records]
+    out.update(mean_length=_mean(lengths), median_length=float(np.median(lengths)) if lengths else None,
                truncation_rate=_mean([0.0 if r["finished"] else 1.0 for r in records]),
+               boxed_rate=_mean([1.0 if "\\boxed{" in r.get("completion", "") else 0.0 for r in records]),
+               mixed_groups=_mean([1.0 if 0 < c < n else 0.0 for n, c in counts if n >= 2]),
                evictions_per_sample=_mean([float(r["evictions"]) for r in records]),
                num_problems=len(groups), num_samples=len(records))
     return out

@@ -6,6 +6,9 @@ Three kinds of source, all named by a string in ``params.yaml`` (``data.train[i]
   ``gsm_symbolic``, ``basic_arithmetic``, ``chain_sum``, ``simple_equations``; generator settings pass through
   ``kwargs``. Item ``i`` of seed ``s`` is generated from ``Random(s + i)`` for most generators, so seeds ``s`` and
   ``s + 1`` share all but one item: keep the seeds of different splits far apart (overlaps are removed anyway).
+* ``var_chain``: our own seeded generator (``pte.tasks``) of programs whose last step needs an early result, the
+  task on which a bounded cache hurts; its settings (``steps``, ``recall``, ``min_gap``, ``min_depth``) pass through
+  ``kwargs``. Item ``i`` of seed ``s`` depends only on ``(s, i)``.
 * ``champ``: the 270 CHAMP competition problems shipped inside the ``champ-dataset`` package (offline).
 * hub datasets (:data:`HUB_SOURCES`): DAPO-Math-17K and the paper's six benchmarks, through
   ``datasets.load_dataset`` at a pinned revision, or from a local ``.jsonl``/``.json``/``.parquet`` file with the
@@ -30,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pte.tasks import TASKS
+
 __all__ = ["HUB_SOURCES", "HubSource", "OFFLINE_SOURCES", "Row", "SourceSpec", "SourceUnavailableError",
            "check_spec", "known_sources", "load_source"]
 
 RG_PREFIX = "reasoning_gym:"
-OFFLINE_SOURCES = ("champ", RG_PREFIX + "<dataset>")
+OFFLINE_SOURCES = ("champ", "var_chain", RG_PREFIX + "<dataset>")
 """Sources that never need the network."""
 _CHAMP_KWARGS = frozenset({"numeric_only"})
 _NUMERIC_RE = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
@@ -135,7 +140,7 @@ class SourceSpec:
 
 def known_sources() -> list[str]:
     """Every accepted source name (generators as ``reasoning_gym:<dataset>``)."""
-    return ["champ", RG_PREFIX + "<dataset>", *sorted(HUB_SOURCES)]
+    return ["champ", *sorted(TASKS), RG_PREFIX + "<dataset>", *sorted(HUB_SOURCES)]
 
 
 def check_spec(spec: SourceSpec, key: str) -> None:
@@ -146,16 +151,18 @@ def check_spec(spec: SourceSpec, key: str) -> None:
                          f"{known_sources()} (generators e.g. reasoning_gym:chain_sum, reasoning_gym:gsm_symbolic).")
     if spec.size is not None and spec.size < 1:
         raise ValueError(f"params: `{key}.size` = {spec.size!r} is invalid; allowed: an integer >= 1, or null for all.")
-    if kind == "reasoning_gym" and spec.size is None:
+    if kind in ("reasoning_gym", "task") and spec.size is None:
         raise ValueError(f"params: `{key}.size` is null but {spec.name} is a generator; set a number of problems.")
     for opt in ("split", "revision"):
         if kind != "hub" and getattr(spec, opt) is not None:
             raise ValueError(f"params: `{key}.{opt}` is set but {spec.name} is not a hub source; remove it.")
-    if kind == "reasoning_gym" and spec.local_path is not None:
+    if kind in ("reasoning_gym", "task") and spec.local_path is not None:
         raise ValueError(f"params: `{key}.local_path` is set but {spec.name} is a generator; remove it.")
     if not isinstance(spec.kwargs, dict) or not all(isinstance(k, str) for k in spec.kwargs):
         raise ValueError(f"params: `{key}.kwargs` = {spec.kwargs!r} is invalid; allowed: a mapping of settings.")
     allowed = {"champ": _CHAMP_KWARGS, "hub": _HUB_KWARGS}.get(kind)
+    if kind == "task":
+        allowed = frozenset(f.name for f in dataclasses.fields(TASKS[spec.name][0]))
     unknown = sorted(set(spec.kwargs) - allowed) if allowed is not None else []
     if unknown:
         raise ValueError(f"params: unknown key(s) {unknown} in `{key}.kwargs`; allowed for {spec.name}: "
@@ -179,6 +186,8 @@ def load_source(spec: SourceSpec, key: str = "source") -> list[Row]:
     kind = _kind(spec.name)
     if kind == "reasoning_gym":
         return _reasoning_gym(spec, key)
+    if kind == "task":
+        return _task(spec, key)
     if kind == "champ":
         return _champ(spec, key)
     return _hub(spec, key)
@@ -187,6 +196,8 @@ def load_source(spec: SourceSpec, key: str = "source") -> list[Row]:
 def _kind(name: str) -> str | None:
     if name == "champ":
         return "champ"
+    if name in TASKS:
+        return "task"
     if name.startswith(RG_PREFIX) and len(name) > len(RG_PREFIX):
         return "reasoning_gym"
     return "hub" if name in HUB_SOURCES else None
@@ -249,6 +260,21 @@ def _reasoning_gym(spec: SourceSpec, key: str) -> list[Row]:
                          f"({type(exc).__name__}: {exc}); allowed keys: {settings}.") from None
     return [_make_row(spec.name, f"{spec.seed}:{i}", item.get("question"), item.get("answer"),
                       f"{spec.name} seed {spec.seed} item {i}") for i, item in enumerate(items)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Our own generators (pte.tasks)
+
+
+def _task(spec: SourceSpec, key: str) -> list[Row]:
+    settings, make = TASKS[spec.name]
+    try:
+        cfg = settings(**spec.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"params: `{key}.kwargs` = {spec.kwargs!r} is invalid for {spec.name}: {exc}") from None
+    size = spec.size or 0
+    return [_make_row(spec.name, f"{spec.seed}:{i}", *make(cfg, spec.seed, i), f"{spec.name} item {i}")
+            for i in range(size)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pte.config import Params, load_params
+from pte.warmstart import resolve_base
 
-__all__ = ["add_stage_parsers", "stage_base_model", "stage_data", "stage_evaluate", "stage_register", "stage_train"]
+__all__ = ["add_stage_parsers", "stage_base_model", "stage_data", "stage_evaluate", "stage_register", "stage_train",
+           "stage_warmstart"]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -45,6 +47,23 @@ def stage_data(params: Params, out: Path) -> dict[str, Any]:
     from pte.data import prepare_data
 
     return prepare_data(params.data, out)
+
+
+def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, reports: Path) -> dict[str, Any]:
+    """Fine-tune the base on worked solutions of ``data`` (``data/warmstart.jsonl``) into ``out`` when
+    ``warmstart.enabled``; otherwise write only the marker that tells later stages to use the base as it is."""
+    from pte.data import read_jsonl
+    from pte.warmstart import warmstart, write_disabled
+
+    if not params.warmstart.enabled:
+        write_disabled(out)
+        return {"enabled": False}
+    result = warmstart(base or params.model.source, read_jsonl(data), params.warmstart, params.data, out,
+                       seed=params.base.seed)
+    # DVC compares metrics.json across runs: deterministic numbers only; time and the loss curve go beside it
+    _write_json(reports / "resources.json", {"seconds": result.pop("seconds")})
+    _write_json(reports / "loss.json", {"loss": result.pop("history")})
+    return {"enabled": True, **result}
 
 
 def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
@@ -111,13 +130,19 @@ def _cmd(args: argparse.Namespace) -> int:
     elif args.command == "data":
         summary = stage_data(params, out)
         _write_json(out / "stats.json", summary)
+    elif args.command == "warmstart":
+        summary = stage_warmstart(params, args.base, Path(args.data), out, Path(args.reports))
+        _write_json(Path(args.reports) / "metrics.json", summary)
     elif args.command == "train":
-        summary = stage_train(params, args.method, args.base, Path(args.data), out, resume=not args.no_resume)
+        base = resolve_base(args.base, args.warmstart)
+        summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume)
         _write_json(out / "metrics.json", summary)
     elif args.command == "evaluate":
-        summary = stage_evaluate(params, args.base, Path(args.models), Path(args.data), out)
+        summary = stage_evaluate(params, resolve_base(args.base, args.warmstart), Path(args.models), Path(args.data),
+                                 out)
     elif args.command == "register":
-        summary = stage_register(params, args.base, Path(args.adapter), Path(args.metrics))
+        summary = stage_register(params, resolve_base(args.base, args.warmstart), Path(args.adapter),
+                                 Path(args.metrics))
         _write_json(out / "registration.json", summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
@@ -131,15 +156,24 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--metrics", help="where to write the stage summary JSON")
     p.set_defaults(func=_cmd)
 
-    p = sub.add_parser("data", help="build data/train.jsonl and data/eval.jsonl")
+    p = sub.add_parser("data", help="build data/{train,eval,warmstart}.jsonl")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="data")
+    p.set_defaults(func=_cmd)
+
+    p = sub.add_parser("warmstart", help="supervised fine-tuning of the base on worked solutions (models/warmstart)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--data", default="data/warmstart.jsonl")
+    p.add_argument("--out", default="models/warmstart")
+    p.add_argument("--reports", default="reports/warmstart", help="where metrics.json, loss.json, resources.json go")
     p.set_defaults(func=_cmd)
 
     p = sub.add_parser("train", help="cache-aware GRPO training of one method")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--method", required=True, help="lora, lora_c, pte, pte_global_only or pte_no_global")
     p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--warmstart", help="warm-start stage output; used as the base when it holds a model")
     p.add_argument("--data", default="data/train.jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming existing checkpoints")
@@ -148,6 +182,7 @@ def add_stage_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy of every method under every cache budget, with plots")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--warmstart", help="warm-start stage output; used as the base when it holds a model")
     p.add_argument("--models", default="models", help="folder holding <method>/adapter for each trained method")
     p.add_argument("--data", default="data/eval.jsonl")
     p.add_argument("--out", default="reports/evaluate")
@@ -156,6 +191,7 @@ def add_stage_parsers(sub) -> None:
     p = sub.add_parser("register", help="register the trained policy in MLflow (champion / challenger)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--warmstart", help="warm-start stage output; used as the base when it holds a model")
     p.add_argument("--adapter", default="models/pte/adapter")
     p.add_argument("--metrics", default="reports/evaluate/metrics.json")
     p.add_argument("--out", default="reports/register")

@@ -249,7 +249,8 @@ def test_train_and_eval_never_overlap():
     same = {"name": "reasoning_gym:chain_sum", "seed": 0, "kwargs": EASY}
     cfg = data_config_from_dict({"train": [{**same, "size": 100}, {"name": "champ", "size": 40, "seed": 3}],
                                  "eval": [{**same, "size": 20}, {"name": "champ", "size": 40, "seed": 4}]})
-    train, ev = build_splits(cfg)
+    splits = build_splits(cfg)
+    train, ev = splits["train"], splits["eval"]
     eval_keys = {normalize_problem(r.problem) for r in ev}
     assert eval_keys and not any(normalize_problem(r.problem) in eval_keys for r in train)
     ids = [r.id for r in train + ev]
@@ -265,12 +266,43 @@ def test_overlap_is_reported_and_dedupe(tmp_path):
     train, ev = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "eval.jsonl")
     d = stats["dropped"]
     assert d["train_overlapping_eval"] >= 20 - d["eval_duplicates"]  # every eval problem was also a train problem
-    assert stats["generated"] == {"train": 100, "eval": 20}
+    assert stats["generated"] == {"train": 100, "eval": 20, "warmstart": 0}
     assert stats["train"]["rows"] == len(train) == 100 - d["train_overlapping_eval"] - d["train_duplicates"]
     assert stats["eval"]["per_source"] == {"reasoning_gym:chain_sum": len(ev)}
     assert not {normalize_problem(r.problem) for r in train} & {normalize_problem(r.problem) for r in ev}
     kept = build_splits(data_config_from_dict({"train": [{**same, "size": 100}], "eval": ["champ"], "dedupe": False}))
-    assert len(kept[0]) == 100
+    assert len(kept["train"]) == 100
+
+
+def test_warmstart_split_never_holds_eval_or_train_problems(tmp_path):
+    # the warm-start sources deliberately repeat the eval and train seeds: those problems must be dropped
+    chain = {"name": "var_chain", "kwargs": {"steps": 7}}
+    cfg = data_config_from_dict({"train": [{**chain, "seed": 0, "size": 30}],
+                                 "eval": [{**chain, "seed": 1, "size": 20}],
+                                 "warmstart": [{**chain, "seed": 1, "size": 10}, {**chain, "seed": 0, "size": 10},
+                                               {**chain, "seed": 2, "size": 25},
+                                               {"name": "reasoning_gym:chain_sum", "seed": 5, "size": 10,
+                                                "kwargs": EASY}]})
+    stats = prepare_data(cfg, tmp_path)
+    splits = {n: read_jsonl(tmp_path / f"{n}.jsonl") for n in ("train", "eval", "warmstart")}
+    keys = {n: {normalize_problem(r.problem) for r in rows} for n, rows in splits.items()}
+    assert not keys["warmstart"] & keys["eval"] and not keys["warmstart"] & keys["train"]
+    assert stats["dropped"]["warmstart_overlapping_train_or_eval"] == 20
+    assert stats["generated"]["warmstart"] == 55
+    assert stats["warmstart"]["per_source"]["var_chain"] == 25
+
+
+def test_cpu_demo_eval_problems_never_reach_warmstart_or_training():
+    """Issue 6: held-out problems of the default preset appear in neither the warm-start nor the GRPO data."""
+    from pte.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "presets" / "cpu-demo.yaml")
+    assert params.warmstart.enabled and params.data.warmstart
+    splits = build_splits(params.data)
+    keys = {n: {normalize_problem(r.problem) for r in rows} for n, rows in splits.items()}
+    assert keys["eval"] and keys["warmstart"] and keys["train"]
+    assert not keys["eval"] & keys["warmstart"] and not keys["eval"] & keys["train"]
+    assert not keys["warmstart"] & keys["train"]
 
 
 def test_colliding_ids_are_reported():
@@ -290,9 +322,11 @@ def test_prepare_data_byte_identical(tmp_path):
     for n, data in first.items():
         assert (tmp_path / "a" / n).read_bytes() == data == (tmp_path / "b" / n).read_bytes()
         assert data.endswith(b"\n") and not data.endswith(b"\n\n")
-    assert read_jsonl(tmp_path / "a" / "eval.jsonl") == build_splits(cfg)[1]
+    assert read_jsonl(tmp_path / "a" / "eval.jsonl") == build_splits(cfg)["eval"]
     assert set(stats["eval"]["per_source"]) == {"champ", "reasoning_gym:chain_sum"}
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "train.jsonl"]  # no temp files left
+    # no temp files left; warmstart.jsonl is written (empty) even without warm-start sources
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "train.jsonl", "warmstart.jsonl"]
+    assert (tmp_path / "a" / "warmstart.jsonl").read_bytes() == b""
     # a fresh interpreter with another hash seed writes the same bytes (no set/dict-order leaks)
     code = ("import sys, yaml; from pte.data import data_config_from_dict, prepare_data; "
             "prepare_data(data_config_from_dict(yaml.safe_load(sys.stdin.read())['data']), sys.argv[1])")

@@ -97,13 +97,14 @@ def test_bootstrap_ci_reproducible_contains_mean_and_narrows():
     assert all(math.isnan(x) for x in bootstrap_ci([], 100))
 
 
-def _rec(pid, correct, length=10, finished=True, evictions=0):
-    return {"id": pid, "correct": correct, "length": length, "finished": finished, "evictions": evictions}
+def _rec(pid, correct, length=10, finished=True, evictions=0, completion=""):
+    return {"id": pid, "correct": correct, "length": length, "finished": finished, "evictions": evictions,
+            "completion": completion}
 
 
 def test_summarize_handmade_records():
-    records = [_rec("a", True, 10, True, 0), _rec("a", False, 20, False, 2),
-               _rec("b", False, 30, False, 4), _rec("b", False, 40, True, 2)]
+    records = [_rec("a", True, 10, True, 0, "x=1\n\\boxed{1}"), _rec("a", False, 20, False, 2, "boxed{2} 2"),
+               _rec("b", False, 30, False, 4), _rec("b", False, 40, True, 2, "\\boxed{3}")]
     m = summarize(records, pass_k=(1, 2, 3), n_resamples=100, seed=0)
     assert m["accuracy"] == pytest.approx(0.25)  # problem a: 1/2, problem b: 0/2
     assert m["pass@1"] == pytest.approx(0.25)
@@ -111,6 +112,8 @@ def test_summarize_handmade_records():
     assert "pass@3" not in m  # needs 3 samples per problem
     assert m["mean_length"] == 25 and m["truncation_rate"] == 0.5 and m["evictions_per_sample"] == 2
     assert m["num_problems"] == 2 and m["num_samples"] == 4
+    assert m["median_length"] == 25 and m["boxed_rate"] == 0.5  # "boxed{" without the backslash does not count
+    assert m["mixed_groups"] == 0.5  # a is mixed (1 of 2), b is all wrong
     assert 0.0 <= m["accuracy_ci_low"] <= 0.25 <= m["accuracy_ci_high"] <= 0.5
     empty = summarize([])
     assert empty["accuracy"] is None and empty["accuracy_ci_low"] is None and empty["num_problems"] == 0
