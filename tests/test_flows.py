@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BIN = Path(PY).parent
-STAGES = ["base_model", "data", "train@lora", "train@lora_c", "train@pte", "evaluate", "register"]
+STAGES = ["base_model", "data", "warmstart", "train@lora", "train@lora_c", "train@pte", "evaluate", "register"]
 
 
 def _load_flows():
