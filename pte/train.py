@@ -281,10 +281,11 @@ def train(params: Params, method: str, prompts: list[str], answers: list[str], o
     Returns the last step's metrics (empty when resuming a finished run).
     """
     trainer = Trainer(params, method, prompts, answers, out_dir, tracker)
-    if resume and trainer.resume() and is_main():
-        # said on stderr, not only logged: a rerun of a killed `dvc repro` shows that it continues
-        print(f"train {method}: resuming from the checkpoint of step {trainer.step} of {params.train.steps}",
-              file=sys.stderr)
+    if resume:
+        if trainer.resume() and is_main():
+            # said on stderr, not only logged: a rerun of a killed `dvc repro` shows that it continues
+            print(f"train {method}: resuming from the checkpoint of step {trainer.step} of {params.train.steps}",
+                  file=sys.stderr)
     elif latest_checkpoint(Path(out_dir) / "checkpoints") is not None:
         raise ValueError(f"{out_dir} already holds checkpoints; resume, or pass a new output directory.")
     return trainer.run(progress=progress)
