@@ -83,21 +83,16 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
 
     The client AdamW is used on every stage (DeepSpeed's fused/CPU Adam need compiled ops); the batch size
     fields are nominal because the loop feeds DeepSpeed its own micro-batches and calls ``backward`` per segment.
+    The loop calls the model directly, so :class:`_ForwardPrologue` does DeepSpeed's per-forward bookkeeping; under
+    ZeRO-3 the adapters stay gathered (:func:`_keep_gathered`) and only the frozen base weights are partitioned.
+
+    ZeRO-2 reduces and ZeRO-3 also gathers weights inside every backward/forward, so with several processes every rank
+    must run the same sequence of forwards and backward passes (same rollout length and number of segments).
     """
     import deepspeed
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if runtime.device.type == "cuda" else "gloo")
-    if cfg.zero_stage == 3:
-        # Measured with deepspeed 0.19.8 (CPU, gloo): ZeRO-3 sums the gradients of several backward passes into one
-        # optimizer step incorrectly (SGD on a 2-layer toy disagrees with plain PyTorch both with
-        # managed_gradient_accumulation on and off, and with gradient_accumulation_steps > 1), while a single backward
-        # per step is right. Segment-wise replay needs many backward passes per step, so stage 3 would silently train
-        # on wrong gradients.
-        raise ValueError("train.zero_stage = 3 is not supported: DeepSpeed ZeRO-3 mis-accumulates gradients over the "
-                         "several backward passes of one step that segment-wise replay needs; use zero_stage 2, which "
-                         "also partitions gradients and optimizer states (the adapters are small; base weights are "
-                         "frozen and never in the optimizer).")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; the 'base' method cannot be trained.")
@@ -115,7 +110,64 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
     }
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params, config=ds_config)
+    if cfg.zero_stage == 3:
+        _keep_gathered(engine, params)
+    if cfg.zero_stage > 0:
+        model.register_forward_pre_hook(_ForwardPrologue(engine, zero_grad_buffer=cfg.zero_stage == 3))
     return engine
+
+
+class _ForwardPrologue:
+    """What ``DeepSpeedEngine.forward`` does before a forward, for a model that is called directly.
+
+    The loop calls the model itself (rollout, replay, reference), never ``engine(...)``, so DeepSpeed's forward
+    prologue must run from a forward pre-hook. ZeRO counts backward passes there: ``clear_backward_seen_flag``
+    advances ZeRO-3's ``micro_step_id`` when a backward ran since the last forward, and ``partition_grads`` *copies*
+    a gradient into its partition while ``micro_step_id == 0`` and adds it afterwards (deepspeed 0.19.8
+    ``stage3.py``). Without the prologue every segment's backward overwrote the previous ones: only the last
+    backward of a step survived. It also resets the backward-hook bookkeeping of every ZeRO stage.
+
+    ZeRO-3 copies only the gradients present in the first backward of a step; a parameter whose gradient first
+    appears in a later backward (e.g. ``wa_k``/``wa_v`` of ``pte_no_global`` reach the loss only through eviction
+    events, from the second segment on) would be added to the previous step's stale partition, and one without any
+    gradient would reuse it. So the partitions are zeroed before the first backward of every step instead.
+    """
+
+    def __init__(self, engine, zero_grad_buffer: bool):
+        self.engine, self.zero_grad_buffer, self.zeroed_at = engine, zero_grad_buffer, None
+        needed = ["clear_backward_seen_flag"] + (["micro_step_id", "grad_partitions_flat_buffer"] * zero_grad_buffer)
+        missing = [n for n in needed if not hasattr(engine.optimizer, n)]
+        if missing:  # DeepSpeed internals relied on (deepspeed==0.19.8 is pinned): fail here, not with wrong gradients
+            import deepspeed
+
+            raise RuntimeError(f"deepspeed {deepspeed.__version__}: the ZeRO optimizer has no {missing}; pte's "
+                               "gradient accumulation over direct model calls was written for deepspeed 0.19.8.")
+
+    def __call__(self, module, args):
+        opt = self.engine.optimizer
+        opt.clear_backward_seen_flag()
+        if self.zero_grad_buffer and opt.micro_step_id == 0 and self.zeroed_at != self.engine.global_steps:
+            opt.grad_partitions_flat_buffer.zero_()  # no backward yet in this step: nothing to lose
+            self.zeroed_at = self.engine.global_steps
+
+
+def _keep_gathered(engine, params: list[torch.nn.Parameter]) -> None:
+    """Under ZeRO-3 keep the trainable (adapter) parameters whole on every rank; frozen base weights stay partitioned.
+
+    ZeRO-3 gathers a parameter only in its own module's forward; the thought encoder's parameters are read by
+    ``PTEAdapter.begin``/``SegmentState.build`` outside any forward, and the adapters are saved from the module.
+    ZeRO's own mechanism for this is a *persistent* parameter (what it applies to every parameter under
+    ``stage3_param_persistence_threshold``): kept gathered, re-gathered after every optimizer step and checkpoint.
+    Marking them external as well stops the forward/backward hooks from releasing them between uses. Gradients and
+    optimizer states stay partitioned, so memory grows only by the adapters' weights (small by design).
+    """
+    opt = engine.optimizer
+    extra = [p for p in params if not p.ds_persist]
+    for p in params:
+        p.ds_persist = True
+        p.is_external_param = True
+    opt.persistent_parameters.extend(extra)  # the list the optimizer re-gathers after step() and checkpoints
+    params[0].all_gather(params)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
