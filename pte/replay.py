@@ -12,6 +12,13 @@ gradient paths through earlier segments' keys/values (a truncation across segmen
 BPTT); gradients still reach the adapter through every token and the encoder through every event
 (see :class:`pte.state.SegmentState`). ``detach_cache=False`` keeps the whole graph for the exact
 gradient (checks and small runs only).
+
+The first segment of a bounded cache (prompt block + the whole window, W tokens) is replayed in chunks of e
+tokens, each a "segment" of its own for ``on_segment`` and detaching, so no chunk is bigger than a later
+segment (activation memory ~ P + e tokens, not P + W); its tokens keep their exact context, so log-probs
+are unchanged. The full cache (``lora``) is one chunk and its gradient is exact. Multi-token forwards get
+one float additive mask (what sdpa would convert the bool mask to, bit for bit) shared by all layers, so
+autograd saves one mask instead of one converted copy per layer.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pte.cache import BoundedCache, CachePlan, event_steps
 from pte.rollout import model_forward
 from pte.state import SegmentState
 
-__all__ = ["replay_logprobs", "segment_bounds", "token_logprobs"]
+__all__ = ["replay_chunks", "replay_logprobs", "segment_bounds", "token_logprobs"]
 
 
 def segment_bounds(plan: CachePlan, num_tokens: int) -> list[tuple[int, int]]:
@@ -38,6 +45,28 @@ def segment_bounds(plan: CachePlan, num_tokens: int) -> list[tuple[int, int]]:
     num_fed = max(num_tokens - 1, 0)
     bounds = [0, *event_steps(plan, num_fed), num_fed]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def replay_chunks(plan: CachePlan, num_tokens: int) -> list[tuple[int, int, bool]]:
+    """``(a, b, evict_first)`` forward chunks of the replay: the segments, the first one cut into ``e``-token pieces.
+
+    Only the first chunk of a segment after an event evicts first; chunks never cross an event, so each token
+    sees the cache it was sampled with.
+    """
+    out = []
+    for k, (a, b) in enumerate(segment_bounds(plan, num_tokens)):
+        step = plan.evict if (k == 0 and plan.window is not None and plan.evict > 0) else max(b - a, 1)
+        starts = list(range(a, b, step)) or [a]
+        out += [(s, min(s + step, b), k > 0 and s == a) for s in starts]
+    return out
+
+
+def _shared_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """sdpa converts a bool mask to ``0 / -inf`` in every layer and autograd saves each copy: convert it once."""
+    if mask.shape[-2] == 1 or getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -62,9 +91,10 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
         tokens, mask: ``[B, T]`` generated tokens and their validity (1 up to and including EOS).
         plan: the rollout's cache layout (same P, W and e give the same events).
         temperature: the sampling temperature (log-probs are of ``softmax(logits / temperature)``).
-        on_segment: called as ``on_segment(cols, logprobs[:, cols])`` after each segment, typically to
-            backpropagate that segment's share of the loss; the returned tensor is then detached.
-        detach_cache: detach cached K/V after each segment (always when ``on_segment`` backpropagates).
+        on_segment: called as ``on_segment(cols, logprobs[:, cols])`` after each chunk (a segment, or an e-token
+            piece of the first one; see :func:`replay_chunks`), typically to backpropagate that chunk's share of
+            the loss; the returned tensor is then detached.
+        detach_cache: detach cached K/V after each chunk (always when ``on_segment`` backpropagates).
 
     Returns:
         ``[B, T]`` fp32 log-probs (with their graph when ``on_segment`` is None and grad is enabled).
@@ -76,8 +106,8 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     state = SegmentState(pte.encoder, model.get_decoder().layers, bsz, pte.pte_cfg) if pte is not None else None
     pieces = []
     try:
-        for k, (a, b) in enumerate(segment_bounds(plan, num_tokens)):
-            if k > 0:
+        for k, (a, b, evict_first) in enumerate(replay_chunks(plan, num_tokens)):
+            if evict_first:
                 evicted = cache.evict()
                 if state is not None:
                     state.observe(*pte.pre_rope(evicted), active=lengths > a + 1)
@@ -86,10 +116,11 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
                 state.build()
             logits = []
             if k == 0:
-                logits.append(model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1))
+                logits.append(model_forward(model, cache, prompt_ids, cache.prompt_positions,
+                                            _shared_mask(model, cache.prefill_mask()), 1))
             if b > a:
                 pos = cache.positions_for(a, b - a)
-                logits.append(model_forward(model, cache, tokens[:, a:b], pos, cache.extend(pos)))
+                logits.append(model_forward(model, cache, tokens[:, a:b], pos, _shared_mask(model, cache.extend(pos))))
             cols = slice(0 if k == 0 else a + 1, b + 1)
             lp = token_logprobs(torch.cat(logits, dim=1), tokens[:, cols], temperature)
             if on_segment is not None:

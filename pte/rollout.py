@@ -5,6 +5,8 @@ prefill the left-padded prompt block, then one token per step for every row in l
 token is appended to a full thinking window, the oldest ``e`` thinking slots are evicted; with a PTE
 adapter their keys/values update the state S, which the adapter uses from the next forward on.
 Rows stop at their own EOS (later tokens are padding and masked; finished rows never update state).
+With ``sync_ranks`` (training under several processes) the loop ends only when every rank's rows are done, so all
+ranks run the same number of decode forwards, as ZeRO-3's per-forward parameter gathers require.
 Memory is O(B (P + W)) for the cache plus O(L G r) for the state, whatever the generation length.
 
 Returned log-probs are ``log_softmax(logits / temperature)`` of the chosen token (no top-k/top-p
@@ -13,6 +15,7 @@ truncation, 1.0 for greedy), the quantity GRPO's ratio needs and replay recomput
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -23,7 +26,7 @@ from pte.adapters import find_pte
 from pte.cache import BoundedCache, CachePlan, plan_cache
 from pte.config import CacheConfig, SamplingConfig
 
-__all__ = ["Rollout", "format_mask", "generate", "model_forward", "sample_tokens"]
+__all__ = ["Rollout", "format_mask", "generate", "model_forward", "pad_rollout", "sample_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,35 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """``[B]`` generated tokens per row (EOS included)."""
         return self.mask.sum(-1)
+
+
+def pad_rollout(out: Rollout, length: int, pad_token_id: int) -> Rollout:
+    """``out`` with its completion columns extended to ``length`` by masked padding (log-prob 0, mask 0).
+
+    What :func:`generate` writes after a row's EOS, so replay and the loss treat the new columns like any padding: they
+    carry zero weight and change neither the loss nor the gradient (only how many replay segments run).
+    """
+    extra = length - out.tokens.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a rollout of {out.tokens.shape[1]} tokens to {length}")
+    if extra == 0:
+        return out
+
+    def grow(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([x, x.new_full((x.shape[0], extra), value)], dim=1)
+
+    return dataclasses.replace(out, tokens=grow(out.tokens, pad_token_id), logprobs=grow(out.logprobs, 0.0),
+                               mask=grow(out.mask, 0))
+
+
+def _ranks_running(done: torch.Tensor, sync: bool) -> bool:
+    """Whether any row still generates: on this process, or on any rank of the process group when ``sync``."""
+    running = ~done.all()
+    if sync:
+        flag = running.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # one scalar per step
+        return bool(flag)
+    return bool(running)
 
 
 def format_mask(mask: torch.Tensor, model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -126,7 +158,7 @@ def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> No
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache_cfg: CacheConfig,
              sampling: SamplingConfig, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int,
-             generator: torch.Generator | None = None, progress: bool = False) -> Rollout:
+             generator: torch.Generator | None = None, progress: bool = False, sync_ranks: bool = False) -> Rollout:
     """Sample continuations of a left-padded prompt batch under the bounded cache.
 
     Args:
@@ -137,6 +169,11 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         eos_token_ids: tokens that end a row. pad_token_id: filler after a row ended.
         generator: explicit RNG for sampling (reproducible rollouts).
         progress: show a progress bar over generated tokens.
+        sync_ranks: under an initialized process group of several ranks, keep decoding (finished rows emit masked
+            padding) until every rank's rows are done, so all ranks run the same number of forwards (needed by
+            DeepSpeed ZeRO-3, which gathers the partitioned weights inside every forward). Costs one scalar
+            all-reduce per token. Without a process group, or with one rank, it changes nothing. The returned
+            rollout is cut at this rank's longest row either way; training pads it to the longest of all ranks.
 
     Returns:
         A :class:`Rollout`.
@@ -152,6 +189,8 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     eos = torch.tensor(list(eos_token_ids), device=device)
     padded = bool((prompt_mask == 0).any())
     n_max = sampling.max_new_tokens
+    sync = sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1)
 
     tokens = torch.full((bsz, n_max), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(bsz, n_max, dtype=torch.float32, device=device)
@@ -173,7 +212,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
             tokens[:, t], logprobs[:, t] = tok, torch.where(done, torch.zeros_like(lp), lp)
             mask[:, t] = (~done).long()
             done = done | torch.isin(tok, eos)
-            if bool(done.all()) or t == n_max - 1:
+            if t == n_max - 1 or not _ranks_running(done, sync):
                 break
             if cache.needs_eviction(1):
                 evicted = cache.evict()
@@ -189,5 +228,6 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         if pte is not None:
             pte.end()
     length = int(mask.sum(-1).max())
+    events = [j for j in events if j < length - 1]  # with sync_ranks, drop events past this rank's last fed token
     return Rollout(prompt_ids, prompt_mask, tokens[:, :length], logprobs[:, :length], mask[:, :length], done,
                    evictions, events, cache.max_slots, plan)

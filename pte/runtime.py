@@ -87,7 +87,8 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
     ZeRO-3 the adapters stay gathered (:func:`_keep_gathered`) and only the frozen base weights are partitioned.
 
     ZeRO-2 reduces and ZeRO-3 also gathers weights inside every backward/forward, so with several processes every rank
-    must run the same sequence of forwards and backward passes (same rollout length and number of segments).
+    must run the same sequence of forwards and backward passes (same rollout length and number of segments): the
+    trainer decodes with ``generate(sync_ranks=True)`` and pads every rank's rollout alike (``pte.train.align_ranks``).
     """
     import deepspeed
 

@@ -31,7 +31,7 @@ from pte.grpo import GRPOLossConfig, GRPOStats, group_advantages, per_token_obje
 from pte.inference import encode_prompts, eos_ids
 from pte.models import load_model
 from pte.replay import replay_logprobs
-from pte.rollout import Rollout, generate
+from pte.rollout import Rollout, generate, pad_rollout
 from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
 from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
@@ -84,6 +84,46 @@ def _all_sum(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def _all_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum over the ranks (one all-reduce; exact for integers below 2**53)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widen a left-padded prompt block to ``length`` columns (more masked padding on the left)."""
+    extra = length - ids.shape[1]
+    if extra <= 0:
+        return ids, mask
+    return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], dim=1),
+            torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1))
+
+
+def align_ranks(chunks: list[Rollout], pad_token_id: int, device: torch.device) -> list[Rollout]:
+    """Pad each rollout chunk to the longest completion of the same chunk on any rank (a no-op in one process).
+
+    ZeRO-3 gathers the partitioned weights in every forward (and again in every backward), ZeRO-2 reduces in every
+    backward: all ranks must run the same sequence of forwards and backwards. Replay runs one chunk per segment
+    (:func:`pte.replay.replay_chunks`), a pure function of the cache plan and the column count, and one replay per
+    micro-batch. The trainer gives every rank the same prompt block (so the same plan) and the same row counts;
+    here the column counts are made equal. Padded columns are masked: zero weight, no change to the loss or gradient.
+    """
+    if world_size() == 1:
+        return chunks
+    layout = [float(v) for c in chunks for v in (c.tokens.shape[0], c.plan.prompt_len, c.plan.window or 0,
+                                                  c.plan.evict)]
+    got = _all_max([float(c.tokens.shape[1]) for c in chunks] + layout + [-v for v in layout], device)
+    n = len(chunks)
+    hi, lo = got[n : n + len(layout)], [-v for v in got[n + len(layout) :]]
+    if hi != lo:  # the same verdict on every rank, so all of them stop here instead of deadlocking later
+        raise RuntimeError(f"rank {rank()}: the ranks' rollouts differ in rows or cache plan (rows, P, W, e per chunk: "
+                           f"max {hi}, min {lo}); they would run different numbers of forward/backward passes.")
+    return [pad_rollout(c, int(length), pad_token_id) for c, length in zip(chunks, got[:n], strict=True)]
+
+
 class Trainer:
     """Holds the engine and everything one step needs; ``run`` drives the loop."""
 
@@ -124,10 +164,13 @@ class Trainer:
         for c in range(0, len(prompts), cfg.rollout_batch):
             ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device,
                                        system=self.params.data.system_prompt)
+            if world_size() > 1:  # one prompt block width on all ranks: the same cache plan, so the same replay chunks
+                width = int(_all_max([float(ids.shape[1])], self.runtime.device)[0])
+                ids, mask = _left_pad(ids, mask, width, self.tok.pad_token_id)
             seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
             gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
             out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
-                           self.tok.pad_token_id, generator=gen)
+                           self.tok.pad_token_id, generator=gen, sync_ranks=True)
             chunks.append(out)
             texts += [self.tok.decode(out.tokens[b][out.mask[b].bool()], skip_special_tokens=True)
                       for b in range(out.tokens.shape[0])]
@@ -145,6 +188,7 @@ class Trainer:
 
     def _update(self, chunks: list[Rollout], advantages: torch.Tensor, check: bool) -> dict[str, float]:
         cfg, dev = self.params.train, self.runtime.device
+        chunks = align_ranks(chunks, self.tok.pad_token_id, dev)  # same forwards/backwards on every rank
         rows = sum(c.tokens.shape[0] for c in chunks)
         tokens = sum(float(c.mask.sum()) for c in chunks)
         world = world_size()
@@ -178,6 +222,7 @@ class Trainer:
                 replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], mask,
                                 out.plan, self.params.grpo.temperature, on_segment=on_segment)
             offset += out.tokens.shape[0]
+        max_diff = _all_max([max_diff], dev)[0]  # every rank takes the same decision (a lone raise would deadlock)
         if check and max_diff > cfg.replay_tolerance:
             raise ReplayMismatchError(
                 f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "
