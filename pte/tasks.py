@@ -25,9 +25,10 @@ its own earlier lines::
 
 Why it needs memory: the value of an early variable exists only in the thinking (the prompt holds the program, not
 its values), and it is the end of a chain of ``>= min_depth`` dependent statements, so re-deriving it from the
-prompt means re-running that chain (``min_depth`` lines, about as long as the demo's whole thinking window). A line is about 12 tokens, so with ``min_gap = 4`` the recalled line
-lies at least ~48 thinking tokens back: beyond a 32-token thinking window, it has been evicted when it is needed and
-the final value becomes a guess (one in ten), unless the evicted thoughts were encoded somewhere (PTE's state).
+prompt means re-running that chain (``min_depth`` lines, about as long as the demo's whole thinking window). A line
+is about 12 tokens, so with ``min_gap = 4`` the recalled value lies 40-55 thinking tokens back: beyond a 32-token
+thinking window it has been evicted when it is needed, and the final value becomes a guess (one in seven to ten),
+unless the evicted thoughts were encoded somewhere (PTE's state).
 Every value and constant is a single digit and every result stays in 0..9, so the arithmetic itself is one-digit
 facts that a 135M model learns quickly; the difficulty is remembering, not computing.
 

@@ -63,7 +63,8 @@ def resolve_base(base: str | Path | None, warm: str | Path | None) -> str | None
 
 def warmstart(base: str | Path, rows: Sequence[Row], cfg: WarmstartConfig, data_cfg: DataConfig,
               out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune the model ``base`` (an HF directory or any ``model.source``) on worked solutions of ``rows``; write the result to ``out_dir``.
+    """Fine-tune the model ``base`` (an HF directory or any ``model.source``) on worked solutions of ``rows``;
+    write the result to ``out_dir``.
 
     The directory is replaced atomically (written next to it, then renamed), so a killed run leaves either the old
     directory or none, never half a model.

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_flows import _clone, _env, _exe, _tail
 
 STEPS = 8
