@@ -6,7 +6,14 @@ TRL's ``GRPOTrainer`` with a peft LoRA of the same rank and targets. Each measur
 subprocess; memory is the process RSS peak during the step on CPU (polled), ``max_memory_allocated`` on
 GPU, with the RSS just before the step reported too. Prints the ratios and writes JSON.
 
+The parent polls every worker's RSS and kills one that grows past ``--max-rss-gib`` (default 11 GiB, so a
+shared machine is never pushed into the OOM killer); such a run is recorded as ``exceeded <cap> GiB RSS,
+killed`` with ``peak_bytes`` = the cap, a lower bound, and the ratios it enters become bounds ("<= x").
+``--parallel`` starts the impls of one length at the same time (for step-time ratios on a busy machine).
+TRL runs with its own defaults (``gradient_checkpointing=True``, selective log-softmax).
+
     python bench/train_memory.py --lengths 2048 --window 256
+    python bench/train_memory.py --lengths 512 --impls lora trl --parallel --out bench/results/x.json
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -25,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import DEFAULT_MODEL, PROMPT, PeakRSS, _local_model, write_result  # noqa: E402
 
 IMPLS = ("pte", "lora_c", "lora", "trl")
+GIB = 2**30
 
 
 def _params(model: str, n: int, window: int, group: int, rank: int):
@@ -92,6 +101,90 @@ def worker(impl: str, model: str, n: int, window: int, group: int, rank: int) ->
     return {"impl": impl, "new_tokens": n, "window": window if impl in ("pte", "lora_c") else None, **res}
 
 
+def _guarded(cmd: list[str], cap: int, interval_s: float = 0.02) -> dict:
+    """Run a worker, killing it when its RSS (with any children) exceeds ``cap`` bytes.
+
+    Returns the worker's JSON, or ``{"result": "exceeded <cap> GiB RSS, killed", "peak_bytes": cap, ...}``.
+    """
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()), daemon=True)
+               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in readers:
+        t.start()
+    ps, seen, killed = psutil.Process(proc.pid), 0, False
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+        except psutil.Error:
+            rss = 0
+        seen = max(seen, rss)
+        if rss > cap:
+            for c in ps.children(recursive=True):
+                c.kill()
+            proc.kill()
+            killed = True
+            break
+        time.sleep(interval_s)
+    proc.wait()
+    for t in readers:
+        t.join()
+    wall = time.perf_counter() - start
+    gib = cap / GIB
+    if killed:
+        return {"result": f"exceeded {gib:g} GiB RSS, killed", "peak_bytes": max(cap, seen),
+                "peak_is_lower_bound": True, "wall_s": wall}
+    if proc.returncode:
+        print(out.get("stderr", "")[-3000:], file=sys.stderr)
+        return {"result": f"failed with exit code {proc.returncode}", "wall_s": wall}
+    return {**json.loads(out["stdout"].strip().splitlines()[-1]), "worker_wall_s": wall, "parent_polled_peak": seen}
+
+
+def _ratio(num: dict | None, den: dict | None, key: str) -> dict:
+    """``num[key] / den[key]`` with its kind: exact, ``<=`` (denominator is a lower bound), ``>=`` or unknown."""
+    if not num or not den or key not in num or key not in den:
+        return {}
+    lo_num, lo_den = num.get("peak_is_lower_bound", False), den.get("peak_is_lower_bound", False)
+    if key == "seconds" and (lo_num or lo_den):
+        return {}
+    if lo_num and lo_den:
+        return {"value": None, "text": "unknown (both killed)"}
+    value = num[key] / den[key]
+    op = "<= " if lo_den else ">= " if lo_num else ""
+    return {"value": value, "bound": op.strip() or "=", "text": f"{op}{value:.3f}"}
+
+
+def summarize(rows: list[dict], lengths: list[int]) -> list[dict]:
+    """Per length: pte/lora and pte/trl peak, lora/trl step time; a killed run makes its ratio a bound."""
+    summary = []
+    for n in lengths:
+        by = {r["impl"]: r for r in rows if r["new_tokens"] == n and ("seconds" in r or "peak_is_lower_bound" in r)}
+        row: dict = {"new_tokens": n}
+        for name, num, den, key in (("pte_over_lora_peak", "pte", "lora", "peak_bytes"),
+                                    ("pte_over_trl_peak", "pte", "trl", "peak_bytes"),
+                                    ("lora_c_over_lora_peak", "lora_c", "lora", "peak_bytes"),
+                                    ("lora_over_trl_time", "lora", "trl", "seconds")):
+            r = _ratio(by.get(num), by.get(den), key)
+            if r:
+                row[name] = r["value"]
+                row[name + "_text"] = r["text"]
+        summary.append(row)
+    return summary
+
+
+def _result(args, argv: list[str] | None, rows: list[dict], summary: list[dict]) -> dict:
+    return {"date": date.today().isoformat(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "model": args.model, "group": args.group, "rank": args.rank, "window": args.window,
+            "memory": "process RSS peak during the step (CPU)", "max_rss_gib": args.max_rss_gib,
+            "parallel": args.parallel, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "trl": "GRPOTrainer with its defaults (gradient_checkpointing=True), peft LoRA, use_cpu",
+            "command": " ".join(["python", "bench/train_memory.py", *(argv if argv is not None else sys.argv[1:])]),
+            "runs": rows, "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -102,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--out", default="bench/results/train_memory_cpu.json")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pte/bench-models"))
+    ap.add_argument("--max-rss-gib", type=float, default=11.0,
+                    help="kill a worker whose RSS exceeds this and record it as a lower bound (default 11)")
+    ap.add_argument("--parallel", action="store_true", help="run the impls of each length at the same time")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for k, v in {"HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "DO_NOT_TRACK": "1"}.items():
@@ -110,36 +206,37 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.model, args.lengths[0], args.window, args.group, args.rank)))
         return 0
     model = _local_model(args.model, Path(args.cache_dir))
+    cap = int(args.max_rss_gib * GIB)
     rows = []
     for n in args.lengths:
-        for impl in args.impls:
-            cmd = [sys.executable, __file__, "--worker", impl, "--model", model, "--lengths", str(n), "--window",
-                   str(args.window), "--group", str(args.group), "--rank", str(args.rank)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                print(res.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{impl} at {n} tokens failed")
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(f"{impl:7s} n={n:5d}  step {r['seconds']:7.1f} s  peak {r['peak_bytes'] / 2**20:8.1f} MiB "
-                  f"(before step {r['rss_before_bytes'] / 2**20:7.1f} MiB)", flush=True)
-    by = {(r["impl"], r["new_tokens"]): r for r in rows}
-    summary = []
-    for n in args.lengths:
-        pte, lora, trl = by.get(("pte", n)), by.get(("lora", n)), by.get(("trl", n))
-        row = {"new_tokens": n}
-        if pte and lora:
-            row["pte_over_lora_peak"] = pte["peak_bytes"] / lora["peak_bytes"]
-        if pte and trl:
-            row["pte_over_trl_peak"] = pte["peak_bytes"] / trl["peak_bytes"]
-        if lora and trl:
-            row["lora_over_trl_time"] = lora["seconds"] / trl["seconds"]
-        summary.append(row)
+        cmds = {impl: [sys.executable, __file__, "--worker", impl, "--model", model, "--lengths", str(n), "--window",
+                       str(args.window), "--group", str(args.group), "--rank", str(args.rank)]
+                for impl in args.impls}
+        groups = [list(args.impls)] if args.parallel else [[impl] for impl in args.impls]
+        for group in groups:
+            results: dict[str, dict] = {}
+            threads = [threading.Thread(target=lambda i=impl, res=results, c=cmds: res.__setitem__(
+                i, _guarded(c[i], cap))) for impl in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for impl in group:
+                r = {"impl": impl, "new_tokens": n, "window": args.window if impl in ("pte", "lora_c") else None,
+                     **results[impl]}
+                if args.parallel:
+                    r["run_alongside"] = [i for i in group if i != impl]
+                rows.append(r)
+                if "seconds" in r:
+                    print(f"{impl:7s} n={n:5d}  step {r['seconds']:7.1f} s  peak {r['peak_bytes'] / 2**20:8.1f} MiB "
+                          f"(before step {r['rss_before_bytes'] / 2**20:7.1f} MiB)", flush=True)
+                else:
+                    print(f"{impl:7s} n={n:5d}  {r['result']} after {r['wall_s']:.0f} s", flush=True)
+            write_result(args.out, _result(args, argv, rows, summarize(rows, args.lengths)))  # partial, kept on a crash
+    summary = summarize(rows, args.lengths)
+    for row in summary:
         print(json.dumps(row))
-    result = {"date": date.today().isoformat(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-              "model": args.model, "group": args.group, "rank": args.rank, "window": args.window,
-              "memory": "process RSS peak during the step (CPU)", "runs": rows, "summary": summary}
-    write_result(args.out, result)
+    write_result(args.out, _result(args, argv, rows, summary))
     return 0
 
 
