@@ -26,7 +26,7 @@ from pte.config import WarmstartConfig
 from pte.data import DataConfig, Row, chat_messages
 from pte.tasks import worked_solution
 
-__all__ = ["DISABLED_MARKER", "resolve_base", "sft_examples", "warmstart"]
+__all__ = ["DISABLED_MARKER", "resolve_base", "sft_examples", "warmstart", "write_disabled"]
 
 log = logging.getLogger(__name__)
 
