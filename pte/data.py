@@ -251,26 +251,22 @@ def _counts(rows: list[Row]) -> dict[str, int]:
 def _assemble(cfg: DataConfig) -> tuple[dict[str, list[Row]], dict[str, Any]]:
     loaded = {split: [r for i, spec in enumerate(getattr(cfg, split)) for r in load_source(spec, f"data.{split}[{i}]")]
               for split in SPLITS}
-    generated = {split: len(rows) for split, rows in loaded.items()}
-    dups = dict.fromkeys(SPLITS, 0)
-    ev = loaded["eval"]
-    if cfg.dedupe:
-        ev, dups["eval"] = _dedupe(ev)
-    seen = {normalize_problem(r.problem) for r in ev}
-    train = [r for r in loaded["train"] if normalize_problem(r.problem) not in seen]
-    overlap = {"train": len(loaded["train"]) - len(train)}
-    if cfg.dedupe:
-        train, dups["train"] = _dedupe(train)
-    # warm-start problems are disjoint from eval (held out) and from train (GRPO should not see memorized answers)
-    seen |= {normalize_problem(r.problem) for r in train}
-    warm = [r for r in loaded["warmstart"] if normalize_problem(r.problem) not in seen]
-    overlap["warmstart"] = len(loaded["warmstart"]) - len(warm)
-    if cfg.dedupe:
-        warm, dups["warmstart"] = _dedupe(warm)
-    splits = {"train": train, "eval": ev, "warmstart": warm}
+    kept: dict[str, list[Row]] = {}
+    overlap, dups = {}, dict.fromkeys(SPLITS, 0)
+    seen: set[str] = set()
+    # eval first (held out), then train, then warm start: each drops what an earlier one holds, so warm-start
+    # problems are disjoint from eval and from train (GRPO should not see memorized answers)
+    for split in ("eval", "train", "warmstart"):
+        rows = [r for r in loaded[split] if normalize_problem(r.problem) not in seen]
+        overlap[split] = len(loaded[split]) - len(rows)
+        if cfg.dedupe:
+            rows, dups[split] = _dedupe(rows)
+        kept[split] = rows
+        seen |= {normalize_problem(r.problem) for r in rows}
+    splits = {split: kept[split] for split in SPLITS}
     _check_unique_ids(splits)
     stats = {**{split: {"rows": len(rows), "per_source": _counts(rows)} for split, rows in splits.items()},
-             "generated": generated,
+             "generated": {split: len(rows) for split, rows in loaded.items()},
              "dropped": {"train_overlapping_eval": overlap["train"],
                          "warmstart_overlapping_train_or_eval": overlap["warmstart"],
                          **{f"{split}_duplicates": n for split, n in dups.items()}}}

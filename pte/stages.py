@@ -124,6 +124,8 @@ def stage_register(params: Params, base: str | None, adapter: Path, metrics: Pat
 def _cmd(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     out = Path(args.out)
+    # train, evaluate and register start from the warm-started model when its stage produced one
+    base = resolve_base(getattr(args, "base", None), getattr(args, "warmstart", None))
     if args.command == "base-model":
         summary = stage_base_model(params, out)
         _write_json(Path(args.metrics or out.parent / "base_model_metrics.json"), summary)
@@ -131,18 +133,15 @@ def _cmd(args: argparse.Namespace) -> int:
         summary = stage_data(params, out)
         _write_json(out / "stats.json", summary)
     elif args.command == "warmstart":
-        summary = stage_warmstart(params, args.base, Path(args.data), out, Path(args.reports))
+        summary = stage_warmstart(params, base, Path(args.data), out, Path(args.reports))
         _write_json(Path(args.reports) / "metrics.json", summary)
     elif args.command == "train":
-        base = resolve_base(args.base, args.warmstart)
         summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume)
         _write_json(out / "metrics.json", summary)
     elif args.command == "evaluate":
-        summary = stage_evaluate(params, resolve_base(args.base, args.warmstart), Path(args.models), Path(args.data),
-                                 out)
+        summary = stage_evaluate(params, base, Path(args.models), Path(args.data), out)
     elif args.command == "register":
-        summary = stage_register(params, resolve_base(args.base, args.warmstart), Path(args.adapter),
-                                 Path(args.metrics))
+        summary = stage_register(params, base, Path(args.adapter), Path(args.metrics))
         _write_json(out / "registration.json", summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

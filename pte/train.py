@@ -76,20 +76,13 @@ def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]
     return out
 
 
-def _all_sum(x: float, device: torch.device) -> float:
-    if world_size() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
-
-
-def _all_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise maximum over the ranks (one all-reduce; exact for integers below 2**53)."""
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Element-wise ``sum`` or ``max`` over the ranks (one all-reduce in float64; exact for integers below 2**53)."""
     if world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    reduce_op = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(t, op=reduce_op.MAX if op == "max" else reduce_op.SUM)
     return t.tolist()
 
 
@@ -115,7 +108,7 @@ def align_ranks(chunks: list[Rollout], pad_token_id: int, device: torch.device) 
         return chunks
     layout = [float(v) for c in chunks for v in (c.tokens.shape[0], c.plan.prompt_len, c.plan.window or 0,
                                                   c.plan.evict)]
-    got = _all_max([float(c.tokens.shape[1]) for c in chunks] + layout + [-v for v in layout], device)
+    got = _all_reduce([float(c.tokens.shape[1]) for c in chunks] + layout + [-v for v in layout], device, "max")
     n = len(chunks)
     hi, lo = got[n : n + len(layout)], [-v for v in got[n + len(layout) :]]
     if hi != lo:  # the same verdict on every rank, so all of them stop here instead of deadlocking later
@@ -165,7 +158,7 @@ class Trainer:
             ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device,
                                        system=self.params.data.system_prompt)
             if world_size() > 1:  # one prompt block width on all ranks: the same cache plan, so the same replay chunks
-                width = int(_all_max([float(ids.shape[1])], self.runtime.device)[0])
+                width = int(_all_reduce([float(ids.shape[1])], self.runtime.device, "max")[0])
                 ids, mask = _left_pad(ids, mask, width, self.tok.pad_token_id)
             seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
             gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
@@ -192,7 +185,7 @@ class Trainer:
         rows = sum(c.tokens.shape[0] for c in chunks)
         tokens = sum(float(c.mask.sum()) for c in chunks)
         world = world_size()
-        num_seq, num_tok = _all_sum(rows, dev) / world, _all_sum(tokens, dev) / world
+        num_seq, num_tok = (x / world for x in _all_reduce([float(rows), tokens], dev))
         stats: GRPOStats | None = None
         loss_total, max_diff, offset = 0.0, 0.0, 0
         for out in chunks:
@@ -222,7 +215,8 @@ class Trainer:
                 replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], mask,
                                 out.plan, self.params.grpo.temperature, on_segment=on_segment)
             offset += out.tokens.shape[0]
-        max_diff = _all_max([max_diff], dev)[0]  # every rank takes the same decision (a lone raise would deadlock)
+        # every rank takes the same decision (a lone raise would deadlock the others)
+        max_diff = _all_reduce([max_diff], dev, "max")[0]
         if check and max_diff > cfg.replay_tolerance:
             raise ReplayMismatchError(
                 f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "

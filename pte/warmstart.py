@@ -117,13 +117,12 @@ def warmstart(base: str | Path, rows: Sequence[Row], cfg: WarmstartConfig, data_
         os.replace(staged, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("warmstart: %d examples, %d steps in %.0f s; loss %.3f -> %.3f", len(examples), trainer.state.global_step,
-             seconds, history[0]["loss"] if history else float("nan"), history[-1]["loss"] if history else float("nan"))
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    log.info("warmstart: %d examples, %d steps in %.0f s; loss %s -> %s", len(examples), trainer.state.global_step,
+             seconds, first.get("loss"), last.get("loss"))
     return {"examples": len(examples), "steps": trainer.state.global_step, "epochs": cfg.epochs,
-            "loss_first": history[0]["loss"] if history else None,
-            "loss_last": history[-1]["loss"] if history else None,
-            "token_accuracy_last": history[-1].get("mean_token_accuracy") if history else None,
-            "seconds": seconds, "history": history}
+            "loss_first": first.get("loss"), "loss_last": last.get("loss"),
+            "token_accuracy_last": last.get("mean_token_accuracy"), "seconds": seconds, "history": history}
 
 
 def write_disabled(out_dir: str | Path) -> None:
