@@ -10,7 +10,8 @@ The parent polls every worker's RSS and kills one that grows past ``--max-rss-gi
 shared machine is never pushed into the OOM killer); such a run is recorded as ``exceeded <cap> GiB RSS,
 killed`` with ``peak_bytes`` = the cap, a lower bound, and the ratios it enters become bounds ("<= x").
 ``--parallel`` starts the impls of one length at the same time (for step-time ratios on a busy machine).
-TRL runs with its own defaults (``gradient_checkpointing=True``, selective log-softmax).
+TRL runs with its own defaults (``gradient_checkpointing=True``, selective log-softmax); ``lora_gc`` is our full-cache
+``lora`` with ``train.gradient_checkpointing`` on, the same recompute-in-backward setting.
 
     python bench/train_memory.py --lengths 2048 --window 256
     python bench/train_memory.py --lengths 512 --impls lora trl --parallel --out bench/results/x.json
@@ -32,48 +33,101 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import DEFAULT_MODEL, PROMPT, PeakRSS, _local_model, write_result  # noqa: E402
 
-IMPLS = ("pte", "lora_c", "lora", "trl")
+IMPLS = ("pte", "lora_c", "lora", "lora_gc", "trl")  # lora_gc: our lora with train.gradient_checkpointing
 GIB = 2**30
 
 
-def _params(model: str, n: int, window: int, group: int, rank: int):
+class StepMeter:
+    """Time and peak memory of one block: the process RSS peak (polled) on CPU; on CUDA the allocator's peak.
+
+    On CUDA, ``peak_bytes`` is ``max_memory_allocated`` reset on entry, after ``empty_cache`` so that blocks cached
+    while loading (e.g. fp32 weights cast to bf16) do not count as reserved; ``reserved_peak_bytes`` is
+    ``max_memory_reserved``. RSS is not polled there: the poller would contend for the GIL with kernel launches.
+    """
+
+    def __init__(self, device: str | None = None):
+        self.cuda = device == "cuda"
+
+    def __enter__(self) -> StepMeter:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            self._rss = PeakRSS().__enter__()
+            self.before = self._rss.peak
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._start
+        if not self.cuda:
+            self._rss.__exit__(*exc)
+
+    def result(self) -> dict:
+        import torch
+
+        if not self.cuda:
+            return {"seconds": self.seconds, "peak_bytes": self._rss.peak, "rss_before_bytes": self.before}
+        return {"seconds": self.seconds, "peak_bytes": torch.cuda.max_memory_allocated(),
+                "allocated_before_bytes": self.before, "reserved_bytes": torch.cuda.memory_reserved(),
+                "reserved_peak_bytes": torch.cuda.max_memory_reserved()}
+
+
+def _params(model: str, n: int, window: int, group: int, rank: int, device: str | None = None,
+            checkpointing: bool = False):
+    """Our trainer's params for one step; ``device`` None keeps ``train.device: auto`` (CPU here, fp32);
+    ``checkpointing``: ``train.gradient_checkpointing`` (recompute the full-cache replay's layers, as TRL does)."""
     from pte.config import params_from_dict
 
+    where = {} if device is None else {"device": device, "precision": "bf16" if device == "cuda" else "fp32"}
     return params_from_dict({
         "model": {"source": model}, "cache": {"window": window}, "adapter": {"rank": rank, "alpha": 2.0 * rank},
         "pte": {"global_tokens": 32},
         "grpo": {"num_generations": group, "max_completion_length": n, "beta": 0.0, "loss_type": "dapo",
                  "allow_last_number": True},
         "train": {"steps": 1, "prompts_per_step": 1, "rollout_batch": group, "micro_batch": group,
-                  "check_replay": False, "save_every": 1000}})
+                  "check_replay": False, "save_every": 1000, "gradient_checkpointing": checkpointing,
+                  **where}})
 
 
-def _ours(method: str, model: str, n: int, window: int, group: int, rank: int, out: Path) -> dict:
+def _zero_reward(completions: list[str], answers: list[str]) -> list[float]:
+    return [0.0] * len(completions)
+
+
+def _ours(method: str, model: str, n: int, window: int, group: int, rank: int, out: Path, device: str | None = None,
+          zero_reward: bool = False) -> dict:
     import pte.train as train_mod
 
     train_mod.eos_ids = lambda model, tok: []  # exactly n tokens per completion, as TRL with min_new_tokens
-    trainer = train_mod.Trainer(_params(model, n, window, group, rank), method, [PROMPT], ["42"], out)
+    params = _params(model, n, window, group, rank, device, checkpointing=method == "lora_gc")
+    trainer = train_mod.Trainer(params, method.removesuffix("_gc"), [PROMPT], ["42"], out,
+                                reward_fn=_zero_reward if zero_reward else None)
     trainer.first_step = 0
-    with PeakRSS() as rss:
-        before = rss.peak
-        start = time.perf_counter()
+    with StepMeter(device) as meter:
         metrics = trainer.train_step()
-        seconds = time.perf_counter() - start
     assert metrics["completions/mean_length"] == n, metrics["completions/mean_length"]
-    return {"seconds": seconds, "peak_bytes": rss.peak, "rss_before_bytes": before,
-            "rollout_s": metrics["timing/rollout_s"], "update_s": metrics["timing/update_s"]}
+    return {**meter.result(), "rollout_s": metrics["timing/rollout_s"], "update_s": metrics["timing/update_s"]}
 
 
-def _trl(model: str, n: int, group: int, rank: int, out: Path) -> dict:
+def _trl(model: str, n: int, group: int, rank: int, out: Path, device: str | None = None) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     from pte.models import load_model
 
-    net, tok = load_model(model)
+    cuda = device == "cuda"
+    net, tok = load_model(model, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")
     net.requires_grad_(True)
-    args = GRPOConfig(output_dir=str(out), use_cpu=True, bf16=False, fp16=False, per_device_train_batch_size=group,
+    args = GRPOConfig(output_dir=str(out), use_cpu=not cuda, bf16=cuda, fp16=False, per_device_train_batch_size=group,
                       num_generations=group, max_completion_length=n, max_steps=1, report_to="none",
                       save_strategy="no", beta=0.0, loss_type="dapo", logging_steps=1, use_vllm=False,
                       generation_kwargs={"min_new_tokens": n}, temperature=1.0)
@@ -82,26 +136,27 @@ def _trl(model: str, n: int, group: int, rank: int, out: Path) -> dict:
                       task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=net, processing_class=tok, reward_funcs=lambda completions, **kw: [0.0] * len(
         completions), args=args, train_dataset=data, peft_config=lora)
-    with PeakRSS() as rss:
-        before = rss.peak
-        start = time.perf_counter()
+    with StepMeter(device) as meter:
         trainer.train()
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": rss.peak, "rss_before_bytes": before}
+    return meter.result()
 
 
-def worker(impl: str, model: str, n: int, window: int, group: int, rank: int) -> dict:
+def worker(impl: str, model: str, n: int, window: int, group: int, rank: int, device: str | None = None,
+           zero_reward: bool = False) -> dict:
+    """One impl's training step in this process. ``device`` None: CPU as this script runs it (``train.device: auto``
+    for ours); "cuda": bf16 on the GPU. ``zero_reward``: our trainer gets a constant reward, as TRL does here."""
     import tempfile
 
     import torch
 
     torch.manual_seed(0)
     out = Path(tempfile.mkdtemp(prefix=f"bench-{impl}-"))
-    res = _trl(model, n, group, rank, out) if impl == "trl" else _ours(impl, model, n, window, group, rank, out)
+    res = (_trl(model, n, group, rank, out, device) if impl == "trl"
+           else _ours(impl, model, n, window, group, rank, out, device, zero_reward))
     return {"impl": impl, "new_tokens": n, "window": window if impl in ("pte", "lora_c") else None, **res}
 
 
-def _guarded(cmd: list[str], cap: int, interval_s: float = 0.02) -> dict:
+def guarded(cmd: list[str], cap: int, interval_s: float = 0.02) -> dict:
     """Run a worker, killing it when its RSS (with any children) exceeds ``cap`` bytes.
 
     Returns the worker's JSON, or ``{"result": "exceeded <cap> GiB RSS, killed", "peak_bytes": cap, ...}``.
@@ -158,7 +213,8 @@ def _ratio(num: dict | None, den: dict | None, key: str) -> dict:
 
 
 def summarize(rows: list[dict], lengths: list[int]) -> list[dict]:
-    """Per length: pte/lora and pte/trl peak, lora/trl step time; a killed run makes its ratio a bound."""
+    """Per length: pte/lora, pte/lora_gc and pte/trl peak, lora/trl and lora_gc/trl step time; a killed run makes
+    its ratio a bound."""
     summary = []
     for n in lengths:
         by = {r["impl"]: r for r in rows if r["new_tokens"] == n and ("seconds" in r or "peak_is_lower_bound" in r)}
@@ -166,7 +222,9 @@ def summarize(rows: list[dict], lengths: list[int]) -> list[dict]:
         for name, num, den, key in (("pte_over_lora_peak", "pte", "lora", "peak_bytes"),
                                     ("pte_over_trl_peak", "pte", "trl", "peak_bytes"),
                                     ("lora_c_over_lora_peak", "lora_c", "lora", "peak_bytes"),
-                                    ("lora_over_trl_time", "lora", "trl", "seconds")):
+                                    ("pte_over_lora_gc_peak", "pte", "lora_gc", "peak_bytes"),
+                                    ("lora_over_trl_time", "lora", "trl", "seconds"),
+                                    ("lora_gc_over_trl_time", "lora_gc", "trl", "seconds")):
             r = _ratio(by.get(num), by.get(den), key)
             if r:
                 row[name] = r["value"]
@@ -216,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in groups:
             results: dict[str, dict] = {}
             threads = [threading.Thread(target=lambda i=impl, res=results, c=cmds: res.__setitem__(
-                i, _guarded(c[i], cap))) for impl in group]
+                i, guarded(c[i], cap))) for impl in group]
             for t in threads:
                 t.start()
             for t in threads:

@@ -16,21 +16,25 @@ gradient (checks and small runs only).
 The first segment of a bounded cache (prompt block + the whole window, W tokens) is replayed in chunks of e
 tokens, each a "segment" of its own for ``on_segment`` and detaching, so no chunk is bigger than a later
 segment (activation memory ~ P + e tokens, not P + W); its tokens keep their exact context, so log-probs
-are unchanged. The full cache (``lora``) is one chunk and its gradient is exact. Multi-token forwards get
-one float additive mask (what sdpa would convert the bool mask to, bit for bit) shared by all layers, so
+are unchanged. The full cache (``lora``, no PTE) is one cache-free forward over prompt + completion and its
+gradient is exact; there, HF activation checkpointing (``train.gradient_checkpointing``) can recompute each decoder
+layer in backward, since no cache has to survive the recompute. Multi-token forwards get one float additive mask
+(what sdpa would convert the bool mask to, bit for bit) shared by all layers, so
 autograd saves one mask instead of one converted copy per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pte.adapters import find_pte
-from pte.cache import BoundedCache, CachePlan, event_steps
-from pte.rollout import model_forward
+from pte.cache import BoundedCache, CachePlan, event_steps, slot_attention_mask
+from pte.rollout import format_mask, model_forward
 from pte.state import SegmentState
 
 __all__ = ["replay_chunks", "replay_logprobs", "segment_bounds", "token_logprobs"]
@@ -80,6 +84,45 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 SegmentCallback = Callable[[slice, torch.Tensor], None]
 
 
+@contextmanager
+def _checkpointing(model: nn.Module) -> Iterator[None]:
+    """Let HF recompute the decoder layers whose activation checkpointing is on, for the forwards inside.
+
+    HF checkpoints a layer only in training mode, and the policy runs in eval mode; only the layer modules
+    themselves are switched (not their children), so dropout and adapters keep their eval behaviour and the
+    log-probs do not change.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes, strict=True):
+            m.training = mode
+
+
+def _full_cache_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T, V]`` logits of every generated token from one cache-free forward over prompt + completion.
+
+    Same positions and visibility as the full-cache rollout (left-padded prompt slots hidden, causal after), so
+    the same log-probs; with no cache to keep, HF activation checkpointing can recompute the layers in backward.
+    """
+    num_tokens = tokens.shape[1]
+    cache = BoundedCache(CachePlan(prompt_ids.shape[1], None, 0), prompt_mask)  # positions only; its K/V stay empty
+    fed = num_tokens - 1
+    positions = torch.cat([cache.prompt_positions, cache.positions_for(0, fed)], dim=1)
+    valid = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(prompt_mask.shape[0], fed, dtype=torch.bool)], dim=1)
+    mask = slot_attention_mask(valid, valid.shape[1])
+    mask = format_mask(_shared_mask(model, mask), model, next(model.parameters()).dtype)
+    with _checkpointing(model):
+        out = model(input_ids=torch.cat([prompt_ids, tokens[:, :fed]], dim=1), attention_mask=mask,
+                    position_ids=positions, use_cache=False, logits_to_keep=num_tokens)
+    return out.logits
+
+
 def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
                     mask: torch.Tensor, plan: CachePlan, temperature: float = 1.0,
                     on_segment: SegmentCallback | None = None, detach_cache: bool = True) -> torch.Tensor:
@@ -100,8 +143,14 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
         ``[B, T]`` fp32 log-probs (with their graph when ``on_segment`` is None and grad is enabled).
     """
     bsz, num_tokens = tokens.shape
-    cache = BoundedCache(plan, prompt_mask)
     pte = find_pte(model)
+    if plan.window is None and pte is None:  # no events: the whole completion is one segment
+        lp = token_logprobs(_full_cache_logits(model, prompt_ids, prompt_mask, tokens), tokens, temperature)
+        if on_segment is not None:
+            on_segment(slice(0, num_tokens), lp)
+            lp = lp.detach()
+        return lp
+    cache = BoundedCache(plan, prompt_mask)
     lengths = mask.sum(-1)
     state = SegmentState(pte.encoder, model.get_decoder().layers, bsz, pte.pte_cfg) if pte is not None else None
     pieces = []

@@ -137,6 +137,8 @@ class Trainer:
                                      attn_implementation=params.model.attn_implementation,
                                      revision=params.model.revision, seed=params.base.seed)
         self.model = attach_adapter(model, method, params.adapter, params.pte)
+        if cfg.gradient_checkpointing and not trains_with_bounded_cache(method):  # used by the full-cache replay
+            model.activation_checkpointing_enable({"use_reentrant": False})
         self.engine = init_engine(self.model, cfg, self.runtime)
         self.cache_cfg = params.cache if trains_with_bounded_cache(method) else CacheConfig(window=None)
         self.loss_cfg = GRPOLossConfig(loss_type=params.grpo.loss_type, epsilon=params.grpo.epsilon,

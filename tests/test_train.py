@@ -48,6 +48,28 @@ def test_pte_learns_the_smoke_task(tmp_path):
     assert {"kl", "clip_ratio/region_mean", "completions/mean_length", "timing/update_s"} <= set(last)
 
 
+def test_gradient_checkpointing_trains_lora_the_same_and_leaves_bounded_methods_alone(tmp_path, adamw_eps):
+    """``train.gradient_checkpointing`` recomputes the full-cache replay's layers: losses and weights unchanged."""
+    from safetensors.torch import load_file
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def run(method, checkpointing):
+        out = tmp_path / f"{method}-{checkpointing}"
+        trainer = Trainer(smoke(steps=2, gradient_checkpointing=checkpointing), method, PROMPTS, ANSWERS, out)
+        on = [m.gradient_checkpointing for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if method != "lora":
+            return on
+        trainer.run(progress=False)
+        return on, [r["loss"] for r in read_metrics(out / "metrics.jsonl")], load_file(
+            str(out / "adapter" / "adapter_model.safetensors"))
+
+    assert not any(run("lora_c", True))  # bounded replays are one segment long already
+    (on0, losses0, w0), (on1, losses1, w1) = run("lora", False), run("lora", True)
+    assert not any(on0) and on1 and all(on1)
+    torch.testing.assert_close(losses1, losses0, atol=1e-6, rtol=1e-5)
+    _assert_same_weights(w1, w0, "gradient checkpointing")
+
+
 def test_replay_mismatch_stops_with_a_clear_error(tmp_path):
     trainer = Trainer(smoke(steps=1, replay_tolerance=1e-12), "lora_c", PROMPTS, ANSWERS, tmp_path)
     with pytest.raises(ReplayMismatchError, match="step 0: replay log-probs differ"):
