@@ -159,3 +159,41 @@ def test_prompt_longer_than_context_is_a_clear_error():
     ids, am = batch(tok)
     with pytest.raises(ValueError, match="model's context is 8"):
         generate(model, ids, am, CacheConfig(window=4), GREEDY, [tok.eos_token_id], tok.pad_token_id)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])  # 5.0: so flat that 256 candidates miss top_p (full sort)
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.95, 50), (0.5, 0), (1.0, 20), (0.9, 1000)])
+def test_sampling_candidates_are_what_hf_logits_warpers_keep(temperature, top_p, top_k):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from pte.rollout import NUCLEUS_CANDIDATES, sampling_candidates
+
+    scaled = torch.randn(16, 4096, generator=torch.Generator().manual_seed(0)) * 3 / temperature
+    ref = scaled
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    vals, ids = sampling_candidates(scaled, top_k, top_p)
+    ours = torch.full_like(scaled, float("-inf")).scatter(-1, ids, vals)
+    assert torch.equal(ours, ref)
+    assert (vals[:, :-1] >= vals[:, 1:]).all()  # best first
+    if temperature == 5.0 and top_p < 1.0 and not top_k:
+        assert ids.shape[1] == scaled.shape[1] and int(torch.isfinite(vals).sum(-1).min()) > NUCLEUS_CANDIDATES
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    """Sampling among the candidates has HF's distribution, the softmax of the warped logits (20k draws: every
+    empirical frequency within 0.01 of its probability, none outside the nucleus)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from pte.config import SamplingConfig
+    from pte.rollout import sample_tokens
+
+    logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0] + [-4.0] * 300])
+    cfg = SamplingConfig(max_new_tokens=1, temperature=0.7, top_p=0.9)
+    probs = TopPLogitsWarper(0.9)(None, logits / 0.7).softmax(-1)[0]
+    tokens, logp = sample_tokens(logits.expand(20000, -1), cfg, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=logits.shape[1]).float() / tokens.numel()
+    assert (freq - probs).abs().max() < 0.01 and freq[probs == 0].sum() == 0
+    torch.testing.assert_close(logp, torch.log_softmax(logits / 0.7, -1)[0, tokens])
