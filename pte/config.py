@@ -290,9 +290,10 @@ class TrainConfig:
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     gradient_checkpointing: bool = False
-    """Recompute decoder-layer activations in backward (HF activation checkpointing) in full-cache replays (``lora``):
-    activation memory of one layer instead of all, for ~1/3 more compute. Bounded-cache methods replay one segment
-    at a time already and ignore it. Needed for long full-cache rollouts (the paper preset's ``lora``)."""
+    """Recompute in backward, in full-cache replays (``lora``), the decoder layers (HF activation checkpointing) and
+    the LM head + log-softmax (256 positions at a time): activation memory of one layer and one head chunk instead
+    of all, for ~1/3 more compute. Bounded-cache methods replay one segment at a time already and ignore it. Needed
+    for long full-cache rollouts (the paper preset's ``lora``)."""
 
     def __post_init__(self) -> None:
         _check_range("train.steps", self.steps, 1)

@@ -14,13 +14,13 @@ BPTT); gradients still reach the adapter through every token and the encoder thr
 gradient (checks and small runs only).
 
 The first segment of a bounded cache (prompt block + the whole window, W tokens) is replayed in chunks of e
-tokens, each a "segment" of its own for ``on_segment`` and detaching, so no chunk is bigger than a later
-segment (activation memory ~ P + e tokens, not P + W); its tokens keep their exact context, so log-probs
-are unchanged. The full cache (``lora``, no PTE) is one cache-free forward over prompt + completion and its
-gradient is exact; there, HF activation checkpointing (``train.gradient_checkpointing``) can recompute each decoder
-layer in backward, since no cache has to survive the recompute. Multi-token forwards get one float additive mask
-(what sdpa would convert the bool mask to, bit for bit) shared by all layers, so
-autograd saves one mask instead of one converted copy per layer.
+tokens, each a "segment" of its own for ``on_segment`` and detaching, so no chunk is bigger than a later segment
+(activation memory ~ P + e tokens, not P + W); its tokens keep their exact context, so log-probs are unchanged.
+The full cache (``lora``, no PTE) is one cache-free forward over prompt + completion and its gradient is exact;
+there, ``train.gradient_checkpointing`` recomputes each decoder layer (HF activation checkpointing; no cache has
+to survive the recompute) and the LM head, chunk by chunk, in backward. Multi-token forwards get one float
+additive mask (what sdpa would convert the bool mask to, bit for bit) shared by all layers, so autograd saves one
+mask instead of one converted copy per layer.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pte.adapters import find_pte
@@ -84,15 +85,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 SegmentCallback = Callable[[slice, torch.Tensor], None]
 
 
+HEAD_CHUNK = 256
+"""Positions per LM-head chunk of a checkpointed full-cache replay."""
+_PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Families whose logits are exactly ``lm_head(last_hidden_state)`` (no softcapping or logit scaling)."""
+
+
 @contextmanager
-def _checkpointing(model: nn.Module) -> Iterator[None]:
-    """Let HF recompute the decoder layers whose activation checkpointing is on, for the forwards inside.
+def _checkpointing(layers: list[nn.Module]) -> Iterator[None]:
+    """Let HF recompute ``layers`` (decoder layers with activation checkpointing on) in the forwards inside.
 
     HF checkpoints a layer only in training mode, and the policy runs in eval mode; only the layer modules
     themselves are switched (not their children), so dropout and adapters keep their eval behaviour and the
     log-probs do not change.
     """
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     modes = [m.training for m in layers]
     for m in layers:
         m.training = True
@@ -103,12 +109,19 @@ def _checkpointing(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _full_cache_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                       tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, T, V]`` logits of every generated token from one cache-free forward over prompt + completion.
+def _head_logprobs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    return token_logprobs(head(hidden), tokens, temperature)
+
+
+def _full_cache_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """``[B, T]`` log-probs of every generated token from one cache-free forward over prompt + completion.
 
     Same positions and visibility as the full-cache rollout (left-padded prompt slots hidden, causal after), so
-    the same log-probs; with no cache to keep, HF activation checkpointing can recompute the layers in backward.
+    the same log-probs. With activation checkpointing on (``train.gradient_checkpointing``), HF recomputes the
+    decoder layers in backward (no cache has to survive the recompute), and the LM head + log-softmax run over
+    ``HEAD_CHUNK`` positions at a time, recomputed in backward too: the ``[B, T, V]`` logits, their softmax and their
+    gradient never exist at once (what TRL's selective log-softmax does for its logits).
     """
     num_tokens = tokens.shape[1]
     cache = BoundedCache(CachePlan(prompt_ids.shape[1], None, 0), prompt_mask)  # positions only; its K/V stay empty
@@ -116,11 +129,17 @@ def _full_cache_logits(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
     positions = torch.cat([cache.prompt_positions, cache.positions_for(0, fed)], dim=1)
     valid = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(prompt_mask.shape[0], fed, dtype=torch.bool)], dim=1)
     mask = slot_attention_mask(valid, valid.shape[1])
-    mask = format_mask(_shared_mask(model, mask), model, next(model.parameters()).dtype)
-    with _checkpointing(model):
-        out = model(input_ids=torch.cat([prompt_ids, tokens[:, :fed]], dim=1), attention_mask=mask,
-                    position_ids=positions, use_cache=False, logits_to_keep=num_tokens)
-    return out.logits
+    inputs = {"input_ids": torch.cat([prompt_ids, tokens[:, :fed]], dim=1), "position_ids": positions,
+              "attention_mask": format_mask(_shared_mask(model, mask), model, next(model.parameters()).dtype),
+              "use_cache": False}
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    with _checkpointing(layers):
+        if not layers or getattr(model.config, "model_type", None) not in _PLAIN_HEAD:
+            return token_logprobs(model(**inputs, logits_to_keep=num_tokens).logits, tokens, temperature)
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, -num_tokens:]
+    head = model.get_output_embeddings()
+    return torch.cat([checkpoint(_head_logprobs, head, hidden[:, a : a + HEAD_CHUNK], tokens[:, a : a + HEAD_CHUNK],
+                                 temperature, use_reentrant=False) for a in range(0, num_tokens, HEAD_CHUNK)], dim=1)
 
 
 def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
@@ -145,7 +164,7 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     bsz, num_tokens = tokens.shape
     pte = find_pte(model)
     if plan.window is None and pte is None:  # no events: the whole completion is one segment
-        lp = token_logprobs(_full_cache_logits(model, prompt_ids, prompt_mask, tokens), tokens, temperature)
+        lp = _full_cache_logprobs(model, prompt_ids, prompt_mask, tokens, temperature)
         if on_segment is not None:
             on_segment(slice(0, num_tokens), lp)
             lp = lp.detach()

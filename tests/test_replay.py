@@ -102,19 +102,23 @@ def test_exact_full_graph_gradient_differs_only_by_the_cross_segment_terms():
 
 
 @pytest.mark.parametrize("family", ["llama-tiny", "qwen3-tiny"])
-def test_full_cache_replay_equals_rollout_and_checkpointing_changes_nothing(family):
-    """``lora``: one cache-free forward gives the rollout's log-probs; HF activation checkpointing really recomputes
-    the layers in backward and leaves log-probs, gradients and the modules' train/eval modes as they were."""
+def test_full_cache_replay_equals_rollout_and_checkpointing_changes_nothing(family, monkeypatch):
+    """``lora``: one cache-free forward gives the rollout's log-probs. HF activation checkpointing (plus the LM head
+    over chunks of positions) really recomputes in backward, saves no vocabulary-sized tensor, and leaves log-probs,
+    gradients and the modules' train/eval modes as they were."""
+    import pte.replay as replay_mod
+
+    monkeypatch.setattr(replay_mod, "HEAD_CHUNK", 7)  # several head chunks, the last one partial
     model, tok = _policy("lora", family)
     ids, am = batch(tok)
     out = generate(model, ids, am, CacheConfig(window=None), SamplingConfig(max_new_tokens=30, temperature=0.9),
                    [tok.eos_token_id], tok.pad_token_id, generator=torch.Generator().manual_seed(0))
-    assert out.tokens.shape[1] > 5 and bool((am == 0).any())
+    assert out.tokens.shape[1] > 14 and out.tokens.shape[1] % 7 and bool((am == 0).any())
     m = out.mask.bool()
+    vocab = model.get_output_embeddings().weight.shape[0]
     weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(1)) * out.mask
     calls = []
     model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
-
     modes = [mod.training for mod in model.modules()]
     results = []
     for checkpointed in (False, True):
@@ -122,12 +126,15 @@ def test_full_cache_replay_equals_rollout_and_checkpointing_changes_nothing(fami
             model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
         model.zero_grad(set_to_none=True)
         calls.clear()
-        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9,
-                             on_segment=lambda cols, seg: (seg * weights[:, cols]).sum().backward())
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.shape) or t, lambda t: t):
+            lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9,
+                                 on_segment=lambda cols, seg: (seg * weights[:, cols]).sum().backward())
         torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
-        results.append((lp, _grads(model), len(calls)))
-    (lp0, g0, calls0), (lp1, g1, calls1) = results
+        results.append((lp, _grads(model), len(calls), any(shape[-1] == vocab for shape in saved)))
+    (lp0, g0, calls0, vocab0), (lp1, g1, calls1, vocab1) = results
     assert (calls0, calls1) == (1, 2)  # the checkpointed layer ran again in backward
+    assert vocab0 and not vocab1  # the [B, T, V] logits are no longer kept for backward
     torch.testing.assert_close(lp1, lp0, atol=1e-6, rtol=0)
     assert g0.keys() == g1.keys() and len(g0) > 0
     for name in g0:
