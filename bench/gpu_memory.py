@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import DEFAULT_MODEL, _local_model, write_result  # noqa: E402
 from train_memory import GIB, IMPLS, guarded, summarize, worker  # noqa: E402
 
-# Qwen2.5-3B(-Instruct)'s config.json, architecture fields only (the same shape as pte.models' random:qwen2.5-3b).
-QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                 rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+from pte.models import RANDOM_PRESETS  # noqa: E402
+
+# Qwen2.5-3B(-Instruct)'s architecture: pte.models' random:qwen2.5-3b preset (hidden_act: Qwen2's silu).
+QWEN25_3B = {**{k: v for k, v in RANDOM_PRESETS["qwen2.5-3b"].items() if k != "model_type"}, "hidden_act": "silu"}
 # Test mode: tiny everywhere except the vocabulary, so that the undecodable-token path below is exercised too.
 TINY = {**QWEN25_3B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
@@ -134,11 +134,8 @@ def _print_row(r: dict) -> None:
 
 def _print_summary(summary: list[dict]) -> None:
     for row in summary:
-        parts = [f"{label} {row[key + '_text']}" for label, key in (
-            ("pte/lora peak", "pte_over_lora_peak"), ("pte/trl peak", "pte_over_trl_peak"),
-            ("lora_c/lora peak", "lora_c_over_lora_peak"), ("pte/lora_gc peak", "pte_over_lora_gc_peak"),
-            ("lora/trl time", "lora_over_trl_time"), ("lora_gc/trl time", "lora_gc_over_trl_time"))
-            if key + "_text" in row]
+        names = [(k.removesuffix("_text").rpartition("_"), text) for k, text in row.items() if k.endswith("_text")]
+        parts = [f"{ratio.replace('_over_', '/')} {kind} {text}" for (ratio, _, kind), text in names]
         if not parts:  # a single impl, or its peers failed
             continue
         target = "  (target pte/lora <= 0.55, DESIGN §6)" if "pte_over_lora_peak" in row else ""

@@ -98,7 +98,9 @@ def _params(model: str, n: int, window: int, group: int, rank: int, device: str 
                   **where}})
 
 
-def _zero_reward(completions: list[str], answers: list[str]) -> list[float]:
+def _zero_reward(completions: list, *args, **kwargs) -> list[float]:
+    """A constant reward, callable as our trainer's ``reward_fn(completions, answers)`` and as a TRL reward
+    function (keyword arguments)."""
     return [0.0] * len(completions)
 
 
@@ -134,8 +136,8 @@ def _trl(model: str, n: int, group: int, rank: int, out: Path, device: str | Non
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": PROMPT}], "answer": "42"}] * group)
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=net, processing_class=tok, reward_funcs=lambda completions, **kw: [0.0] * len(
-        completions), args=args, train_dataset=data, peft_config=lora)
+    trainer = GRPOTrainer(model=net, processing_class=tok, reward_funcs=_zero_reward, args=args, train_dataset=data,
+                          peft_config=lora)
     with StepMeter(device) as meter:
         trainer.train()
     return meter.result()
