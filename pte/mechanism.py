@@ -1,0 +1,167 @@
+"""The mechanism test: can a method carry one evicted symbol to the point where it is needed? (docs/evaluation.md)
+
+A seconds-long instrument for every design question about the thought state. A frozen tiny model reads sequences
+
+    prompt: [BOS]    thinking: [X, f_1 .. f_n, SEP, X]
+
+where ``X`` is one of ``num_symbols`` symbols drawn per row and ``f_1 .. f_n, SEP`` are fixed fillers. The thinking
+window holds ``window`` tokens and evicts one per event, so by the time ``SEP`` is read the first ``X`` has left the
+cache ``n + 1 - window`` events ago: only a memory of evicted tokens can predict the final ``X``. The objective is the
+teacher-forced NLL of the final ``X`` through the training replay (:func:`pte.replay.replay_logprobs`, segment-wise
+backward exactly as in training), and the metric is recall accuracy: the fraction of held-out rows whose final ``X``
+scores highest among the symbols. Chance is ``1 / num_symbols``.
+
+Expected: a full cache (``lora``) solves it (attention reaches ``X``), ``lora_c`` cannot beat chance (nothing of ``X``
+is left in its cache, and the fillers carry no information), and PTE can only solve it through its state, so the
+gradient must flow through the global tokens, ``Wa_*``, ``A`` and ``B`` end to end.
+
+This module knows nothing about datasets, rewards or the pipeline; it uses the engine as training does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pte.adapters import attach_adapter, trains_with_bounded_cache
+from pte.cache import CachePlan, plan_cache
+from pte.config import AdapterConfig, CacheConfig, PTEConfig
+from pte.replay import replay_logprobs
+
+__all__ = ["MechanismConfig", "MechanismResult", "build_model", "recall_accuracy", "recall_batch", "run_mechanism",
+           "train_recall"]
+
+
+@dataclass(frozen=True)
+class MechanismConfig:
+    """One mechanism run: the synthetic task, the adapter and the optimiser."""
+
+    model: str = "random:llama-tiny-wide"
+    """Frozen base (a ``random:`` preset keeps it offline and tiny)."""
+    num_symbols: int = 8
+    """Symbols X is drawn from (chance = 1 / num_symbols)."""
+    fillers: int = 8
+    """Fixed filler tokens between X and SEP."""
+    window: int = 4
+    """Thinking-window slots W of the bounded cache (one token evicted per event)."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Rows per step."""
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    rank: int = 8
+    """Adapter rank r (and state rank)."""
+    global_tokens: int = 8
+    """G."""
+    eval_rows: int = 256
+    """Held-out rows for the accuracy."""
+    seed: int = 0
+    """Seeds the model, the adapter init and the data."""
+    pte: PTEConfig | None = None
+    """State settings (None = the defaults with ``global_tokens``); the study varies them."""
+
+    def pte_config(self) -> PTEConfig:
+        base = self.pte or PTEConfig()
+        return dataclasses.replace(base, global_tokens=self.global_tokens)
+
+
+@dataclass(frozen=True)
+class MechanismResult:
+    method: str
+    accuracy: float  # recall accuracy on held-out rows
+    chance: float
+    final_loss: float  # mean NLL of the recall token over the last 10% of steps
+    seconds: float
+
+
+_BOS, _SYMBOL0, _FILLER0, _SEP = 1, 65, 97, 58  # byte ids: '"', 'A'.., 'a'.., ':' in the byte tokenizer's order
+
+
+def recall_batch(cfg: MechanismConfig, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_ids [rows, 1], tokens [rows, fillers + 3])``: ``[BOS] | [X, f_1..f_n, SEP, X]`` with X random."""
+    x = torch.randint(0, cfg.num_symbols, (rows, 1), generator=generator) + _SYMBOL0
+    fill = (torch.arange(cfg.fillers) % 26 + _FILLER0).expand(rows, -1)
+    sep = torch.full((rows, 1), _SEP)
+    return torch.full((rows, 1), _BOS), torch.cat([x, fill, sep, x], dim=1)
+
+
+def _plan(cfg: MechanismConfig, method: str) -> CachePlan:
+    window = cfg.window if trains_with_bounded_cache(method) else None
+    return plan_cache(CacheConfig(window=window, evict_ratio=1.0 / cfg.window), 1)
+
+
+def recall_accuracy(model, cfg: MechanismConfig, method: str, generator: torch.Generator,
+                    plan: CachePlan | None = None) -> float:
+    """Fraction of ``cfg.eval_rows`` fresh rows whose final X scores highest among the symbols (teacher-forced).
+
+    Each candidate symbol is put at the recall position and scored with the same replay as training, so the
+    accuracy is measured under exactly the cache the method trains with (or ``plan``).
+    """
+    prompt, tokens = recall_batch(cfg, cfg.eval_rows, generator)
+    plan = plan or _plan(cfg, method)
+    mask = torch.ones_like(tokens)
+    scores = []
+    with torch.no_grad():
+        for s in range(cfg.num_symbols):
+            cand = tokens.clone()
+            cand[:, -1] = _SYMBOL0 + s
+            scores.append(replay_logprobs(model, prompt, torch.ones_like(prompt), cand, mask, plan)[:, -1])
+    pick = torch.stack(scores, dim=1).argmax(1) + _SYMBOL0
+    return float((pick == tokens[:, -1]).float().mean())
+
+
+def build_model(cfg: MechanismConfig, method: str):
+    """The frozen base with ``method``'s adapter (only adapter parameters trainable)."""
+    from pte.models import load_model
+
+    model, _ = load_model(cfg.model, seed=cfg.seed)
+    model.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    adapter = AdapterConfig(rank=cfg.rank, alpha=2.0 * cfg.rank)
+    model = attach_adapter(model, method, adapter, cfg.pte_config())
+    model.eval()
+    return model
+
+
+def train_recall(model, cfg: MechanismConfig, method: str, progress: bool = False) -> list[float]:
+    """Train the adapter of ``model`` (built by :func:`build_model`) on the recall task; returns the loss per step.
+
+    The loss is the NLL of the recall token, backpropagated from the replay's last segment while earlier segments
+    only update the cache and the state, exactly the segment-wise backward of training.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    plan = _plan(cfg, method)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses: list[float] = []
+    from tqdm.auto import trange
+
+    for _ in trange(cfg.steps, desc=f"mechanism {method}", disable=not progress):
+        prompt, tokens = recall_batch(cfg, cfg.batch_size, gen)
+
+        def on_segment(cols: slice, lp: torch.Tensor, n: int = tokens.shape[1]) -> None:
+            if cols.stop == n:  # the recall token is the last column
+                loss = -lp[:, -1].mean()
+                loss.backward()
+                losses.append(float(loss.detach()))
+
+        replay_logprobs(model, prompt, torch.ones_like(prompt), tokens, torch.ones_like(tokens), plan,
+                        on_segment=on_segment)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+def run_mechanism(cfg: MechanismConfig, method: str, progress: bool = False) -> MechanismResult:
+    """Build, train and measure ``method`` on the recall task (recall accuracy on fresh rows)."""
+    t0 = time.perf_counter()
+    model = build_model(cfg, method)
+    losses = train_recall(model, cfg, method, progress)
+    tail = losses[-max(1, len(losses) // 10):]
+    acc = recall_accuracy(model, cfg, method, torch.Generator().manual_seed(cfg.seed + 2))
+    return MechanismResult(method, acc, 1.0 / cfg.num_symbols, sum(tail) / len(tail), time.perf_counter() - t0)
