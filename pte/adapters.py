@@ -39,6 +39,7 @@ __all__ = [
     "attach_adapter",
     "find_pte",
     "load_adapter",
+    "load_adapter_weights",
     "method_pte_config",
     "save_adapter",
     "trains_with_bounded_cache",
@@ -270,6 +271,37 @@ def save_adapter(model: nn.Module, out_dir: str | Path, method: str, adapter_cfg
     return out
 
 
+def _copy_weights(model: nn.Module, adapter_dir: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(adapter_dir) / WEIGHTS), device=str(model.device))
+    expected = adapter_state_dict(model)
+    if set(tensors) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"adapter weights in {adapter_dir!s} do not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; was it saved for another base model or method?")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
+def load_adapter_weights(model: nn.Module, method: str, adapter_dir: str | Path) -> None:
+    """Copy the weights of a saved adapter of the same ``method`` into ``model``'s freshly attached adapter (a warm
+    start, e.g. GRPO from an ``sft`` adapter); trainability is left as it is."""
+    meta = read_adapter_meta(adapter_dir)
+    if meta["method"] != method:
+        raise ValueError(f"train.init_adapter = {str(adapter_dir)!r} holds a {meta['method']!r} adapter, not "
+                         f"{method!r}; point it at models/{method}/adapter of an earlier run.")
+    if method in ("lora", "lora_c"):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(Path(adapter_dir) / WEIGHTS), device=str(model.device)))
+    elif method != "base":
+        _copy_weights(model, adapter_dir)
+
+
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     """The ``pte_adapter.json`` of an adapter directory (with a clear error when it is not one)."""
     path = Path(adapter_dir) / ADAPTER_META
@@ -281,8 +313,6 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[nn.Module, str]:
     """Attach the adapter saved in ``adapter_dir`` to the base ``model``; returns ``(model, method)``."""
-    from safetensors.torch import load_file
-
     meta = read_adapter_meta(adapter_dir)
     method = meta["method"]
     adapter_cfg = section_from_dict(AdapterConfig, meta["adapter"], "adapter")
@@ -293,15 +323,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[nn.Module, 
         return PeftModel.from_pretrained(model, str(adapter_dir)), method
     model = attach_adapter(model, method, adapter_cfg, pte_cfg)
     if method != "base":
-        tensors = load_file(str(Path(adapter_dir) / WEIGHTS), device=str(model.device))
-        expected = adapter_state_dict(model)
-        if set(tensors) != set(expected):
-            missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-            raise ValueError(f"adapter weights in {adapter_dir!s} do not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}; was it saved for another base model or method?")
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for k, v in tensors.items():
-                params[k].copy_(v)
+        _copy_weights(model, adapter_dir)
     model.requires_grad_(False)
     return model, method

@@ -228,6 +228,10 @@ class GRPOConfig:
     """k3 KL coefficient against the reference (the base model, adapters off)."""
     kl_cache: Literal["full", "bounded"] = "full"
     """Cache of the reference forward: full (the paper's Eq. 3) or the same bounded cache as the policy."""
+    kl_estimator: Literal["k3", "exact"] = "k3"
+    """``k3``: the one-sample estimate from the sampled token's log-probs (TRL, verl, the paper); ``exact``: the
+    per-position KL over the whole vocabulary against the full-cache reference, chunk by chunk (what the ``distill``
+    objective optimises; needs ``kl_cache: full``)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: group std (population std, as the paper), batch std, or none (Dr. GRPO)."""
     use_bias_correction_kl: bool = False
@@ -246,6 +250,9 @@ class GRPOConfig:
         _check_range("grpo.epsilon", self.epsilon, 0.0, 1.0)
         _check_range("grpo.epsilon_high", self.epsilon_high, 0.0)
         _check_range("grpo.beta", self.beta, 0.0)
+        if self.kl_estimator == "exact" and self.kl_cache != "full":
+            raise ValueError("params: `grpo.kl_estimator` = 'exact' needs `grpo.kl_cache` = 'full' (the teacher is the "
+                             f"full-cache reference), got {self.kl_cache!r}; set kl_cache: full or kl_estimator: k3.")
 
     def sampling(self) -> SamplingConfig:
         """The rollout's sampling settings."""
@@ -289,6 +296,17 @@ class TrainConfig:
     """Largest allowed |replay - rollout| log-prob difference for the check (fp32)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    objective: Literal["grpo", "sft", "distill"] = "grpo"
+    """What the replay optimises (docs/method.md, "Objectives"): ``grpo`` (the paper's Eq. 3); ``sft``, teacher-forced
+    NLL of worked solutions under the method's training cache (``prompts_per_step`` rows a step; the rows' source
+    must have a worked-solution writer); ``distill``, on-policy distillation of the sampled rollouts toward the
+    model's own adapter-disabled, full-cache distribution (TRL's generalized JSD over the whole vocabulary)."""
+    distill_beta: float = 1.0
+    """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
+    KL(teacher || student), in between = the JSD of GKD."""
+    init_adapter: str | None = None
+    """An adapter directory (``models/<method>/adapter`` of an earlier run, same method) to start from instead of a
+    fresh adapter, e.g. GRPO after ``sft`` or ``distill``."""
     gradient_checkpointing: bool = False
     """Recompute in backward, in full-cache replays (``lora``), the decoder layers (HF activation checkpointing) and
     the LM head + log-softmax (256 positions at a time): activation memory of one layer and one head chunk instead
@@ -307,6 +325,7 @@ class TrainConfig:
         _check_range("train.save_every", self.save_every, 1)
         _check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         _check_range("train.threads", self.threads, 0)
+        _check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
         if self.rollout_batch % self.micro_batch:
             raise ValueError(f"params: `train.rollout_batch` = {self.rollout_batch} is not a multiple of "
                              f"`train.micro_batch` = {self.micro_batch}; make it one.")

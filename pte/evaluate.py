@@ -45,6 +45,7 @@ from pte.data import DataConfig, Row, format_prompt
 from pte.inference import Generator, encode_prompts, eos_ids
 from pte.rewards import extract_answer, score
 from pte.rollout import generate
+from pte.tasks import recall_score
 
 __all__ = ["batch_seed", "bootstrap_ci", "budget_label", "evaluate_all", "evaluate_policy", "kv_bytes_per_token",
            "metrics_table", "pass_at_k", "plan_batches", "summarize"]
@@ -122,7 +123,9 @@ def summarize(records: Sequence[Record], pass_k: Sequence[int] = (1,), n_resampl
         tokens), ``median_length``, ``truncation_rate`` (share of samples not ended by EOS), ``boxed_rate`` (share of
         completions with a ``\\boxed{`` answer), ``mixed_groups`` (share of problems with >= 2 samples whose samples
         are neither all right nor all wrong: the groups in which GRPO gets a signal), ``evictions_per_sample``,
-        ``num_problems``, ``num_samples``. Means over no records are None.
+        ``num_problems``, ``num_samples``, and ``recall_accuracy``: the share of values recalled from early variables
+        that the completions wrote correctly (:func:`pte.tasks.recall_score`; None when no record has a recall).
+        Means over no records are None.
     """
     groups: dict[str, list[bool]] = {}
     for r in records:
@@ -142,6 +145,8 @@ def summarize(records: Sequence[Record], pass_k: Sequence[int] = (1,), n_resampl
                mixed_groups=_mean([1.0 if 0 < c < n else 0.0 for n, c in counts if n >= 2]),
                evictions_per_sample=_mean([float(r["evictions"]) for r in records]),
                num_problems=len(groups), num_samples=len(records))
+    recalls = sum(int(r.get("recall_total", 0)) for r in records)
+    out["recall_accuracy"] = sum(int(r.get("recall_correct", 0)) for r in records) / recalls if recalls else None
     return out
 
 
@@ -233,6 +238,7 @@ def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], b
             "length": len(token_ids), "finished": bool(out.finished[b]), "evictions": int(out.num_evictions[b]),
             "prompt_tokens": int(own[b]), "prompt_block": out.plan.prompt_len, "window": out.plan.window,
             "cache_peak_tokens": out.max_cache_tokens,
+            **dict(zip(("recall_correct", "recall_total"), recall_score(row.problem, text), strict=True)),
         })
     return records, out.max_cache_tokens
 
@@ -334,8 +340,8 @@ def _summary(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float |
     flat: dict[str, float | None] = {}
     for method, per_budget in results.items():
         for label, m in per_budget.items():
-            for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "over_budget"):
-                flat[f"{method}/{label}/{key}"] = m[key]
+            for key in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "over_budget", "recall_accuracy"):
+                flat[f"{method}/{label}/{key}"] = m.get(key)
         accs = {label: m["accuracy"] for label, m in per_budget.items() if m["accuracy"] is not None}
         flat[f"{method}/mean_accuracy"] = _mean(list(accs.values()))
         flat[f"{method}/mean_accuracy_bounded"] = _mean([a for label, a in accs.items() if label != "full"])
@@ -432,6 +438,8 @@ def metrics_table(metrics: dict[str, Any]) -> str:
                 continue
             ci_level = m.get("ci_level", ci_level)
             cell = f"{_pct(m['accuracy'])} [{_pct(m['accuracy_ci_low'])}, {_pct(m['accuracy_ci_high'])}]"
+            if m.get("recall_accuracy") is not None:
+                cell += f", recall {_pct(m['recall_accuracy'])}"
             if m.get("over_budget"):
                 cell += f" ({m['over_budget']} over budget)"
             cells.append(cell)
@@ -439,5 +447,6 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Accuracy (%) = pass@1 averaged over the samples of each problem, [{100 * ci_level:g}% bootstrap "
                  "interval over problems]; C = total KV slots (prompt block + thinking window). Problems whose prompt "
-                 "alone needs C slots or more are over budget: skipped, not counted as wrong.")
+                 "alone needs C slots or more are over budget: skipped, not counted as wrong. Recall (where shown) = "
+                 "share of values recalled from early variables that the completions wrote correctly.")
     return "\n".join(lines)

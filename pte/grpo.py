@@ -265,6 +265,7 @@ def per_token_objective(
     advantages: Tensor,
     mask: Tensor,
     cfg: GRPOLossConfig,
+    exact_kl: Tensor | None = None,
 ) -> tuple[Tensor, GRPOStats]:
     """Per-token loss ``-min(ρA, clip(ρ)A) + β·KL`` (TRL's ``per_token_loss``) for a full batch or a column chunk.
 
@@ -278,11 +279,15 @@ def per_token_objective(
         advantages: ``[B]`` per-sequence advantages.
         mask: ``[B, T]`` completion mask (bool or 0/1) for the same columns.
         cfg: Loss settings.
+        exact_kl: ``[B, T]`` the exact per-position KL(policy || reference) over the whole vocabulary (with its
+            graph), used instead of the k3 estimate from ``ref_logprobs`` (``grpo.kl_estimator: exact``).
 
     Returns:
         ``([B, T]`` per-token loss, zero where masked; detached stats for these columns).
     """
-    if cfg.beta != 0.0 and ref_logprobs is None:
+    if exact_kl is not None:
+        ref_logprobs = None
+    if cfg.beta != 0.0 and ref_logprobs is None and exact_kl is None:
         raise ValueError(f"beta={cfg.beta} needs ref_logprobs; pass the reference log-probs or set beta=0.0")
     if logprobs.shape != mask.shape or old_logprobs.shape != mask.shape or advantages.shape != mask.shape[:1]:
         raise ValueError(
@@ -310,6 +315,10 @@ def per_token_objective(
         if cfg.beta != 0.0:
             loss = loss + cfg.beta * kl
         kl_sum = torch.where(valid, kl.detach(), zero).sum(-1)
+    if exact_kl is not None:
+        kl = torch.where(valid, exact_kl.to(dtype), zero)
+        loss = loss + cfg.beta * kl
+        kl_sum = kl.detach().sum(-1)
     loss = torch.where(valid, loss, zero)
 
     with torch.no_grad():

@@ -38,7 +38,7 @@ from pte.cache import BoundedCache, CachePlan, event_steps, slot_attention_mask
 from pte.rollout import format_mask, model_forward
 from pte.state import SegmentState
 
-__all__ = ["replay_chunks", "replay_logprobs", "segment_bounds", "token_logprobs"]
+__all__ = ["replay_chunks", "replay_logprobs", "segment_bounds", "shared_mask", "token_logprobs"]
 
 
 def segment_bounds(plan: CachePlan, num_tokens: int) -> list[tuple[int, int]]:
@@ -66,7 +66,7 @@ def replay_chunks(plan: CachePlan, num_tokens: int) -> list[tuple[int, int, bool
     return out
 
 
-def _shared_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+def shared_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """sdpa converts a bool mask to ``0 / -inf`` in every layer and autograd saves each copy: convert it once."""
     if mask.shape[-2] == 1 or getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
         return mask
@@ -82,7 +82,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-SegmentCallback = Callable[[slice, torch.Tensor], None]
+SegmentCallback = Callable[..., None]
+"""``on_segment(cols, logprobs)``, or ``on_segment(cols, logprobs, logits)`` with ``with_logits``."""
 
 
 HEAD_CHUNK = 256
@@ -130,7 +131,7 @@ def _full_cache_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
     valid = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(prompt_mask.shape[0], fed, dtype=torch.bool)], dim=1)
     mask = slot_attention_mask(valid, valid.shape[1])
     inputs = {"input_ids": torch.cat([prompt_ids, tokens[:, :fed]], dim=1), "position_ids": positions,
-              "attention_mask": format_mask(_shared_mask(model, mask), model, next(model.parameters()).dtype),
+              "attention_mask": format_mask(shared_mask(model, mask), model, next(model.parameters()).dtype),
               "use_cache": False}
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     with _checkpointing(layers):
@@ -144,7 +145,8 @@ def _full_cache_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
 
 def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
                     mask: torch.Tensor, plan: CachePlan, temperature: float = 1.0,
-                    on_segment: SegmentCallback | None = None, detach_cache: bool = True) -> torch.Tensor:
+                    on_segment: SegmentCallback | None = None, detach_cache: bool = True,
+                    with_logits: bool = False) -> torch.Tensor:
     """Recompute the log-prob of every generated token under the bounded cache.
 
     Args:
@@ -157,13 +159,16 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
             piece of the first one; see :func:`replay_chunks`), typically to backpropagate that chunk's share of
             the loss; the returned tensor is then detached.
         detach_cache: detach cached K/V after each chunk (always when ``on_segment`` backpropagates).
+        with_logits: also pass the chunk's logits ``[B, n, V]`` (``n = len(cols)``, with their graph) to
+            ``on_segment``, for losses over the whole vocabulary (distillation); the full cache then runs through
+            the segment loop too (one chunk), never the checkpointed whole-sequence forward.
 
     Returns:
         ``[B, T]`` fp32 log-probs (with their graph when ``on_segment`` is None and grad is enabled).
     """
     bsz, num_tokens = tokens.shape
     pte = find_pte(model)
-    if plan.window is None and pte is None:  # no events: the whole completion is one segment
+    if plan.window is None and pte is None and not with_logits:  # no events: the whole completion is one segment
         lp = _full_cache_logprobs(model, prompt_ids, prompt_mask, tokens, temperature)
         if on_segment is not None:
             on_segment(slice(0, num_tokens), lp)
@@ -185,14 +190,15 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
             logits = []
             if k == 0:
                 logits.append(model_forward(model, cache, prompt_ids, cache.prompt_positions,
-                                            _shared_mask(model, cache.prefill_mask()), 1))
+                                            shared_mask(model, cache.prefill_mask()), 1))
             if b > a:
                 pos = cache.positions_for(a, b - a)
-                logits.append(model_forward(model, cache, tokens[:, a:b], pos, _shared_mask(model, cache.extend(pos))))
+                logits.append(model_forward(model, cache, tokens[:, a:b], pos, shared_mask(model, cache.extend(pos))))
             cols = slice(0 if k == 0 else a + 1, b + 1)
-            lp = token_logprobs(torch.cat(logits, dim=1), tokens[:, cols], temperature)
+            chunk = torch.cat(logits, dim=1)
+            lp = token_logprobs(chunk, tokens[:, cols], temperature)
             if on_segment is not None:
-                on_segment(cols, lp)
+                on_segment(cols, lp, chunk) if with_logits else on_segment(cols, lp)
                 lp = lp.detach()
             pieces.append(lp)
             if detach_cache or on_segment is not None:

@@ -76,11 +76,21 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     params = with_base(params, base)
     rows = read_jsonl(data)
     prompts = [format_prompt(r.problem, params.data) for r in rows]
+    solutions = None
+    if params.train.objective == "sft":
+        from pte.tasks import worked_solution
+
+        solutions = [worked_solution(r.source, r.problem) for r in rows]
+        missing = [r.id for r, s in zip(rows, solutions, strict=True) if s is None]
+        if missing:
+            raise ValueError(f"train.objective = 'sft': no worked solution for {len(missing)} training row(s), e.g. "
+                             f"{missing[0]!r}; train on sources with a solution writer (var_chain, "
+                             "reasoning_gym:chain_sum) or use train.objective grpo or distill.")
     # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
     tracker = make_tracker(params.tracking, run_name=f"train-{method}", tags={"method": method, "stage": "train"})
     try:
         train(params, method, prompts, [r.answer for r in rows], out, tracker=tracker, resume=resume,
-              progress=progress)
+              progress=progress, problems=[r.problem for r in rows], solutions=solutions)
     finally:
         tracker.close()
     history = read_metrics(out / "metrics.jsonl")
@@ -88,8 +98,11 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     if history:
         k = max(1, len(history) // 4)
         # deterministic numbers only (DVC compares this file across runs); memory and timing stay in metrics.jsonl
-        summary.update(reward_first=sum(r["reward"] for r in history[:k]) / k,
-                       reward_last=sum(r["reward"] for r in history[-k:]) / k)
+        for key in ("reward", "loss", "recall/accuracy", "recall/token_accuracy"):
+            if all(key in r for r in history):
+                name = key.replace("/", "_")
+                summary.update({f"{name}_first": sum(r[key] for r in history[:k]) / k,
+                                f"{name}_last": sum(r[key] for r in history[-k:]) / k})
     return summary
 
 

@@ -46,7 +46,9 @@ import re
 import string
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "VarChainConfig", "evaluate_program", "var_chain", "worked_solution"]
+__all__ = ["TASKS", "Recall", "VarChainConfig", "evaluate_program", "recall_score", "recall_spans", "recalls",
+           "var_chain",
+           "worked_solution"]
 
 _HEADER = "Run the program and give the final value of {var}."
 _STATEMENT_RE = re.compile(r"^([a-z])=([a-z0-9])([+-])([a-z0-9])$")
@@ -150,6 +152,63 @@ def evaluate_program(problem: str) -> tuple[list[str], int]:
         lines.append(f"{name}={symbolic}={env[name]}" if symbolic == numeric else
                      f"{name}={symbolic}={numeric}={env[name]}")
     return lines, env[program[-1][0]]
+
+
+@dataclass(frozen=True)
+class Recall:
+    """One use of an early variable: statement ``name = x op y`` whose operand ``operand`` (0 = x, 1 = y) is
+    ``variable`` (not the previous statement's), of value ``value``."""
+
+    name: str
+    body: tuple[str, str, str]  # (x, op, y)
+    operand: int
+    variable: str
+    value: int
+
+
+def recalls(problem: str) -> list[Recall]:
+    """The recalling statements of a ``var_chain`` program (empty for any other text)."""
+    program = _program(problem)
+    if program is None:
+        return []
+    env: dict[str, int] = {}
+    out = []
+    for i, (name, x, op, y) in enumerate(program):
+        previous = program[i - 1][0] if i else None
+        for pos, operand in enumerate((x, y)):
+            if operand.isalpha() and operand != previous and operand in env:
+                out.append(Recall(name, (x, op, y), pos, operand, env[operand]))
+        vals = [int(o) if o.isdigit() else env.get(o, 0) for o in (x, y)]
+        env[name] = vals[0] + vals[1] if op == "+" else vals[0] - vals[1]
+    return out
+
+
+def _recall_match(recall: Recall, text: str) -> re.Match | None:
+    """The worked line of ``recall``'s statement in ``text`` (``h=g+c=2+4...``), digits captured."""
+    x, op, y = recall.body
+    return re.search(rf"^\s*{recall.name}={x}\{op}{y}=(\d+)\{op}(\d+)", text, flags=re.MULTILINE)
+
+
+def recall_spans(problem: str, solution: str) -> list[tuple[int, int]]:
+    """Character spans, in a worked ``solution``, of the values it recalls from early variables.
+
+    These are the tokens that need an evicted thought under a small window: the recall metric's positions.
+    """
+    spans = []
+    for r in recalls(problem):
+        m = _recall_match(r, solution)
+        if m is not None:
+            spans.append(m.span(r.operand + 1))
+    return spans
+
+
+def recall_score(problem: str, completion: str) -> tuple[int, int]:
+    """``(correct, total)`` recalled values in a completion: a recall counts as correct when the completion writes
+    the statement's worked line with the early variable's true value (a missing line counts as wrong)."""
+    found = [_recall_match(r, completion) for r in recalls(problem)]
+    correct = sum(m is not None and m.group(r.operand + 1) == str(r.value)
+                  for r, m in zip(recalls(problem), found, strict=True))
+    return correct, len(found)
 
 
 def _chain_sum_solution(problem: str) -> str | None:

@@ -23,16 +23,25 @@ from pathlib import Path
 
 import torch
 
-from pte.adapters import adapter_state_dict, adapters_disabled, attach_adapter, save_adapter, trains_with_bounded_cache
-from pte.cache import CachePlan
+from pte.adapters import (
+    adapter_state_dict,
+    adapters_disabled,
+    attach_adapter,
+    load_adapter_weights,
+    save_adapter,
+    trains_with_bounded_cache,
+)
+from pte.cache import CachePlan, plan_cache
 from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pte.config import CacheConfig, Params
 from pte.grpo import GRPOLossConfig, GRPOStats, group_advantages, per_token_objective, token_weights
 from pte.inference import encode_prompts, eos_ids
 from pte.models import load_model
+from pte.objectives import FullCacheTeacher, completion_tokens, jsd_loss, recall_positions, token_kl
 from pte.replay import replay_logprobs
 from pte.rollout import Rollout, generate, pad_rollout
 from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
+from pte.tasks import recall_score
 from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
 __all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
@@ -121,10 +130,16 @@ class Trainer:
     """Holds the engine and everything one step needs; ``run`` drives the loop."""
 
     def __init__(self, params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,
-                 tracker: Tracker | None = None, reward_fn: RewardFn | None = None):
+                 tracker: Tracker | None = None, reward_fn: RewardFn | None = None,
+                 problems: list[str] | None = None, solutions: list[str] | None = None):
         if len(prompts) != len(answers) or not prompts:
             raise ValueError("training needs a non-empty list of prompts with one answer each")
+        if params.train.objective == "sft" and (solutions is None or len(solutions) != len(prompts)):
+            raise ValueError("train.objective = 'sft' needs a worked solution for every training row; use a source "
+                             "with a solution writer (var_chain, reasoning_gym:chain_sum) or objective grpo/distill.")
         self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
+        self.problems, self.solutions = problems, solutions
+        self._recall: list[float] | None = None  # [recalled right, recalls] of the step's rollouts
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn or reward_function(params)
         cfg = params.train
@@ -137,6 +152,8 @@ class Trainer:
                                      attn_implementation=params.model.attn_implementation,
                                      revision=params.model.revision, seed=params.base.seed)
         self.model = attach_adapter(model, method, params.adapter, params.pte)
+        if cfg.init_adapter:
+            load_adapter_weights(self.model, method, cfg.init_adapter)
         if cfg.gradient_checkpointing and not trains_with_bounded_cache(method):  # used by the full-cache replay
             model.activation_checkpointing_enable({"use_reentrant": False})
         self.engine = init_engine(self.model, cfg, self.runtime)
@@ -148,7 +165,7 @@ class Trainer:
         local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
         self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
         self.tracker.log_params({"method": method, **params.to_dict()})
-        self.step = 0
+        self.step = self.first_step = 0
 
     # -- one step -------------------------------------------------------------------------------------------------
     def _rollouts(self, rows: list[int]) -> tuple[list[Rollout], list[torch.Tensor]]:
@@ -171,6 +188,10 @@ class Trainer:
                       for b in range(out.tokens.shape[0])]
         answers = [self.answers[i] for i in rows for _ in range(g)]
         rewards = torch.tensor(self.reward_fn(texts, answers), dtype=torch.float32)
+        if self.problems is not None:
+            hits = [recall_score(self.problems[i], t) for i, t in zip([i for i in rows for _ in range(g)], texts,
+                                                                      strict=True)]
+            self._recall = [float(sum(h for h, _ in hits)), float(sum(n for _, n in hits))]
         return chunks, [rewards]
 
     def _reference(self, out: Rollout, rows: slice) -> torch.Tensor | None:
@@ -182,7 +203,7 @@ class Trainer:
                                    out.mask[rows], plan, self.params.grpo.temperature)
 
     def _update(self, chunks: list[Rollout], advantages: torch.Tensor, check: bool) -> dict[str, float]:
-        cfg, dev = self.params.train, self.runtime.device
+        cfg, dev, temp = self.params.train, self.runtime.device, self.params.grpo.temperature
         chunks = align_ranks(chunks, self.tok.pad_token_id, dev)  # same forwards/backwards on every rank
         rows = sum(c.tokens.shape[0] for c in chunks)
         tokens = sum(float(c.mask.sum()) for c in chunks)
@@ -196,18 +217,19 @@ class Trainer:
             for m in range(0, out.tokens.shape[0], cfg.micro_batch):
                 sl = slice(m, m + cfg.micro_batch)
                 adv = advantages[offset + m : offset + m + out.tokens[sl].shape[0]].to(dev)
-                ref = self._reference(out, sl)
+                exact = self.params.grpo.kl_estimator == "exact" and self.loss_cfg.beta > 0
+                ref = None if exact else self._reference(out, sl)
+                teacher = FullCacheTeacher(self.model, out.prompt_ids[sl], out.prompt_mask[sl],
+                                           out.tokens[sl]) if exact else None
                 old, mask, w = out.logprobs[sl], out.mask[sl], weights[sl]
 
-                def on_segment(cols, lp, old=old, mask=mask, w=w, ref=ref, adv=adv):
+                def on_segment(cols, lp, logits=None, old=old, mask=mask, w=w, ref=ref, adv=adv, teacher=teacher):
                     nonlocal stats, loss_total, max_diff
+                    kl = None if teacher is None else token_kl(logits, teacher.logits(cols), temp)
                     obj, st = per_token_objective(lp, old[:, cols], None if ref is None else ref[:, cols], adv,
-                                                  mask[:, cols], self.loss_cfg)
+                                                  mask[:, cols], self.loss_cfg, exact_kl=kl)
                     loss = (obj * w[:, cols]).sum()
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(f"step {self.step}: the loss is {loss.item()}; stopping before "
-                                                    "the optimizer step (the last checkpoint is untouched).")
-                    self.engine.backward(loss, scale_wrt_gas=False)
+                    self._backward(loss)
                     loss_total += float(loss.detach())
                     stats = st if stats is None else stats + st
                     if mask[:, cols].any():
@@ -215,26 +237,104 @@ class Trainer:
                         max_diff = max(max_diff, float(diff))
 
                 replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], mask,
-                                out.plan, self.params.grpo.temperature, on_segment=on_segment)
+                                out.plan, temp, on_segment=on_segment, with_logits=exact)
             offset += out.tokens.shape[0]
-        # every rank takes the same decision (a lone raise would deadlock the others)
-        max_diff = _all_reduce([max_diff], dev, "max")[0]
-        if check and max_diff > cfg.replay_tolerance:
-            raise ReplayMismatchError(
-                f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "
-                f"(> train.replay_tolerance = {cfg.replay_tolerance:g}); the bounded cache is not reproduced in "
-                "training. Use fp32 (train.precision: fp32) to check, and report the model family if it persists.")
+        max_diff = self._check_replay(max_diff, check)
         self.engine.step()
         out = {"loss": loss_total, "replay/max_abs_diff": max_diff}
         if stats is not None:
             out.update(stats.as_dict())
         return out
 
+    def _sft_update(self, rows: list[int]) -> dict[str, float]:
+        """One step of teacher-forced NLL of the rows' worked solutions under the method's training cache."""
+        cfg, dev, tok = self.params.train, self.runtime.device, self.tok
+        ids, pmask = encode_prompts(tok, [self.prompts[i] for i in rows], device=dev,
+                                    system=self.params.data.system_prompt)
+        sols = [self.solutions[i] for i in rows]
+        tokens, mask = completion_tokens(tok, sols, eos_ids(self.model, tok)[0], tok.pad_token_id, dev)
+        recall = recall_positions(tok, [self.problems[i] for i in rows], sols, tokens.shape[1]).to(dev)
+        plan = plan_cache(self.cache_cfg, ids.shape[1])
+        num_tok = _all_reduce([float(mask.sum())], dev)[0]
+        sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recall count
+
+        for m in range(0, len(rows), cfg.micro_batch):
+            sl = slice(m, m + cfg.micro_batch)
+
+            def on_segment(cols, lp, logits, sl=sl):
+                valid, r = mask[sl, cols].bool(), recall[sl, cols] & mask[sl, cols].bool()
+                loss = -(lp * valid).sum() / num_tok
+                self._backward(loss)
+                hits = (logits.detach().argmax(-1) == tokens[sl, cols])[r]
+                sums.add_(torch.tensor([-float(lp.detach()[valid].sum()), -float(lp.detach()[r].sum()),
+                                        float(hits.sum()), float(r.sum())], dtype=torch.float64))
+
+            replay_logprobs(self.model, ids[sl], pmask[sl], tokens[sl], mask[sl], plan, 1.0, on_segment=on_segment,
+                            with_logits=True)
+        self.engine.step()
+        nll, r_nll, r_hits, r_n = _all_reduce(sums.tolist(), dev)
+        out = {"loss": nll / num_tok, "completions/mean_length": num_tok / max(1, len(rows) * world_size())}
+        if r_n:
+            out.update({"recall/nll": r_nll / r_n, "recall/token_accuracy": r_hits / r_n})
+        return out
+
+    def _distill_update(self, chunks: list[Rollout], check: bool) -> dict[str, float]:
+        """One step of on-policy distillation toward the adapter-disabled full-cache model, chunk by chunk."""
+        cfg, dev, temp = self.params.train, self.runtime.device, self.params.grpo.temperature
+        chunks = align_ranks(chunks, self.tok.pad_token_id, dev)
+        num_tok = _all_reduce([sum(float(c.mask.sum()) for c in chunks)], dev)[0]
+        total, max_diff = 0.0, 0.0
+        for out in chunks:
+            for m in range(0, out.tokens.shape[0], cfg.micro_batch):
+                sl = slice(m, m + cfg.micro_batch)
+                teacher = FullCacheTeacher(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl])
+
+                def on_segment(cols, lp, logits, sl=sl, teacher=teacher, out=out):
+                    nonlocal total, max_diff
+                    valid = out.mask[sl, cols]
+                    loss = jsd_loss(logits, teacher.logits(cols), valid, cfg.distill_beta, num_tok, temp)
+                    self._backward(loss)
+                    total += float(loss.detach())
+                    if valid.any():
+                        gap = (lp.detach() - out.logprobs[sl, cols]).abs()[valid.bool()]
+                        max_diff = max(max_diff, float(gap.max()))
+
+                replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], out.mask[sl],
+                                out.plan, temp, on_segment=on_segment, with_logits=True)
+        self._check_replay(max_diff, check)
+        self.engine.step()
+        total = _all_reduce([total], dev)[0]
+        return {"loss": total, "distill/divergence": total, "replay/max_abs_diff": max_diff}
+
+    def _check_replay(self, max_diff: float, check: bool) -> float:
+        """The largest |replay - rollout| log-prob gap over the ranks; raises on the checked step when it is too big."""
+        # every rank takes the same decision (a lone raise would deadlock the others)
+        max_diff = _all_reduce([max_diff], self.runtime.device, "max")[0]
+        if check and max_diff > self.params.train.replay_tolerance:
+            raise ReplayMismatchError(
+                f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "
+                f"(> train.replay_tolerance = {self.params.train.replay_tolerance:g}); the bounded cache is not "
+                "reproduced in training. Use fp32 (train.precision: fp32) to check, and report the model family if "
+                "it persists.")
+        return max_diff
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(f"step {self.step}: the loss is {loss.item()}; stopping before the optimizer "
+                                        "step (the last checkpoint is untouched).")
+        self.engine.backward(loss, scale_wrt_gas=False)
+
     def train_step(self) -> dict[str, float]:
         cfg = self.params.train
         rows = select_rows(len(self.prompts), self.step, cfg.prompts_per_step, self.params.base.seed)
         rows = rows[rank()::world_size()]
         t0 = time.perf_counter()
+        if cfg.objective == "sft":
+            metrics = self._sft_update(rows)
+            metrics.update({"timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0, "reward": 0.0,
+                            "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device))})
+            return metrics
+        self._recall = None
         chunks, (rewards,) = self._rollouts(rows)
         t1 = time.perf_counter()
         if not torch.isfinite(rewards).all():
@@ -242,7 +342,11 @@ class Trainer:
                                         "the optimizer step (the last checkpoint is untouched).")
         g = self.params.grpo.num_generations
         adv = group_advantages(rewards, g, scale=self.params.grpo.scale_rewards)
-        metrics = self._update(chunks, adv, check=self.params.train.check_replay and self.step == self.first_step)
+        check = self.params.train.check_replay and self.step == self.first_step
+        if cfg.objective == "distill":
+            metrics = self._distill_update(chunks, check)
+        else:
+            metrics = self._update(chunks, adv, check)
         t2 = time.perf_counter()
         groups = rewards.view(-1, g)
         lengths = torch.cat([c.mask.sum(-1) for c in chunks]).float()
@@ -256,6 +360,10 @@ class Trainer:
             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device)),
             "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1,
         })
+        if self._recall is not None:
+            hits, total = _all_reduce(self._recall, self.runtime.device)
+            if total:
+                metrics["recall/accuracy"] = hits / total
         return metrics
 
     # -- loop -----------------------------------------------------------------------------------------------------
@@ -316,12 +424,14 @@ class Trainer:
 
 
 def train(params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,
-          tracker: Tracker | None = None, resume: bool = True, progress: bool = True) -> dict[str, float]:
-    """Train ``method`` with cache-aware GRPO and write ``out_dir/{adapter, checkpoints, metrics.jsonl}``.
+          tracker: Tracker | None = None, resume: bool = True, progress: bool = True,
+          problems: list[str] | None = None, solutions: list[str] | None = None) -> dict[str, float]:
+    """Train ``method`` with ``train.objective`` and write ``out_dir/{adapter, checkpoints, metrics.jsonl}``.
 
-    Returns the last step's metrics (empty when resuming a finished run).
+    ``problems`` (the raw problem texts) turn on the recall metrics; ``solutions`` (worked solutions) are needed by
+    the ``sft`` objective. Returns the last step's metrics (empty when resuming a finished run).
     """
-    trainer = Trainer(params, method, prompts, answers, out_dir, tracker)
+    trainer = Trainer(params, method, prompts, answers, out_dir, tracker, problems=problems, solutions=solutions)
     if resume:
         if trainer.resume() and is_main():
             # said on stderr, not only logged: a rerun of a killed `dvc repro` shows that it continues

@@ -1,0 +1,207 @@
+"""Study runs on what makes the thought state learn (docs/evaluation.md, "What makes the state learn").
+
+Two instruments, every run recorded in the MLflow experiment ``pte-study`` (and a JSON line in ``--out``):
+
+* ``mechanism``: :func:`pte.mechanism.run_mechanism` over a grid of settings (seconds per run);
+* ``varchain``: the recall probe on the real demo model: train a method with ``train.objective`` (``sft`` by
+  default) from the warm-started base, then measure on held-out problems (a) teacher-forced recall under the
+  training cache (NLL and accuracy on the tokens that write a recalled value) and (b) greedy answer and recall
+  accuracy when generating under the bounded budget.
+
+    python -m pte.study mechanism --out runs/study/mechanism.jsonl --set fillers=32 --set lr=0.01
+    python -m pte.study varchain --params params.yaml --base models/warmstart --methods pte lora_c \
+        --set train.steps=60 --set adapter.rank=16
+
+``--set`` overrides one setting (``key=value``, YAML values); repeat it. Grids are shell loops over ``--set``.
+This module wires the engine, the trainer and the tracker; it holds no method logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "teacher_forced_recall", "varchain_probe"]
+
+
+def _tracker(experiment: str, name: str, tags: dict[str, str]):
+    from pte.config import TrackingConfig
+    from pte.tracking import make_tracker
+
+    return make_tracker(TrackingConfig(experiment=experiment), run_name=name, tags=tags)
+
+
+def _record(out: Path, row: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+    print(json.dumps(row, sort_keys=True), flush=True)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is invalid; write key=value, e.g. --set train.steps=60")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# var_chain recall probe
+
+
+@torch.no_grad()
+def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], solutions: list[str], cache_cfg,
+                          system: str | None, batch_size: int = 16) -> dict[str, float]:
+    """Recall NLL / accuracy and solution NLL of worked solutions replayed under ``cache_cfg`` (no training).
+
+    The tokens that write a recalled value are the ones an evicted thought must supply (:func:`recall_positions`).
+    """
+    from pte.cache import plan_cache
+    from pte.inference import encode_prompts, eos_ids
+    from pte.objectives import completion_tokens, recall_positions
+    from pte.replay import replay_logprobs
+
+    sums = torch.zeros(5, dtype=torch.float64)  # nll, tokens, recall nll, recall hits, recalls
+    eos = eos_ids(model, tok)[0]
+    for a in range(0, len(prompts), batch_size):
+        ids, pmask = encode_prompts(tok, prompts[a : a + batch_size], system=system)
+        tokens, mask = completion_tokens(tok, solutions[a : a + batch_size], eos, tok.pad_token_id)
+        recall = recall_positions(tok, problems[a : a + batch_size], solutions[a : a + batch_size], tokens.shape[1])
+
+        def on_segment(cols, lp, logits, tokens=tokens, mask=mask, recall=recall):
+            valid = mask[:, cols].bool()
+            r = recall[:, cols] & valid
+            hits = (logits.argmax(-1) == tokens[:, cols])[r]
+            sums.add_(torch.tensor([-float(lp[valid].sum()), float(valid.sum()), -float(lp[r].sum()),
+                                    float(hits.sum()), float(r.sum())], dtype=torch.float64))
+
+        replay_logprobs(model, ids, pmask, tokens, mask, plan_cache(cache_cfg, ids.shape[1]), 1.0,
+                        on_segment=on_segment, with_logits=True)
+    nll, n, r_nll, r_hits, r_n = sums.tolist()
+    return {"tf/nll": nll / n, "tf/recall_nll": r_nll / max(r_n, 1), "tf/recall_accuracy": r_hits / max(r_n, 1)}
+
+
+def varchain_probe(params, method: str, base: str, train_path: Path, eval_path: Path, out_dir: Path,
+                   eval_problems: int = 64, budgets: tuple[int | None, ...] = (140,)) -> dict[str, float]:
+    """Train ``method`` from ``base`` with ``params`` and measure recall on the first ``eval_problems`` eval rows."""
+    from pte.config import EvalConfig
+    from pte.data import format_prompt, read_jsonl
+    from pte.evaluate import evaluate_policy
+    from pte.inference import Generator
+    from pte.stages import with_base
+    from pte.tasks import worked_solution
+    from pte.train import train
+
+    params = with_base(params, base)
+    rows = read_jsonl(train_path)
+    t0 = time.perf_counter()
+    if method != "base":
+        train(params, method, [format_prompt(r.problem, params.data) for r in rows], [r.answer for r in rows],
+              out_dir, resume=False, progress=True, problems=[r.problem for r in rows],
+              solutions=[worked_solution(r.source, r.problem) for r in rows])
+    seconds = time.perf_counter() - t0
+    gen = Generator.load(base, None if method == "base" else str(out_dir / "adapter"))
+    ev = read_jsonl(eval_path)[:eval_problems]
+    tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in ev],
+                               [format_prompt(r.problem, params.data) for r in ev],
+                               [worked_solution(r.source, r.problem) for r in ev], params.cache,
+                               params.data.system_prompt)
+    out = {**tf, "train_seconds": seconds}
+    cfg = EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
+                     max_new_tokens=params.grpo.max_completion_length, batch_size=64, bootstrap=1000,
+                     allow_last_number=True)
+    for budget in budgets:
+        m, _ = evaluate_policy(gen, ev, budget, cfg, params.data, params.base.seed, progress=False)
+        label = "full" if budget is None else str(budget)
+        out.update({f"gen/{label}/accuracy": m["accuracy"], f"gen/{label}/accuracy_ci_low": m["accuracy_ci_low"],
+                    f"gen/{label}/accuracy_ci_high": m["accuracy_ci_high"],
+                    f"gen/{label}/recall_accuracy": m["recall_accuracy"]})
+    return out
+
+
+def _override(params, sets: dict[str, Any]):
+    from pte.config import params_from_dict
+
+    data = params.to_dict()
+    for key, value in sets.items():
+        section, _, name = key.partition(".")
+        if section not in data or not name:
+            raise ValueError(f"--set {key}: expected <section>.<key> of params.yaml, e.g. train.steps")
+        data[section][name] = value
+    return params_from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pte.study", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="study", required=True)
+    mech = sub.add_parser("mechanism", help="the synthetic recall test over settings")
+    mech.add_argument("--methods", nargs="+", default=["pte", "lora_c", "lora"])
+    var = sub.add_parser("varchain", help="the var_chain recall probe on the warm-started demo model")
+    var.add_argument("--params", default="params.yaml")
+    var.add_argument("--base", default="models/warmstart")
+    var.add_argument("--data", default="data")
+    var.add_argument("--methods", nargs="+", default=["pte", "lora_c"])
+    var.add_argument("--eval-problems", type=int, default=64)
+    var.add_argument("--runs", default="runs/study")
+    for p in (mech, var):
+        p.add_argument("--set", action="append", default=[], help="key=value override (repeatable)")
+        p.add_argument("--out", default=None, help="JSON-lines results file (appended)")
+        p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--tag", default="", help="a label for this run in MLflow and the results file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sets = _parse_sets(args.set)
+    if args.study == "mechanism":
+        from pte.config import PTEConfig
+        from pte.mechanism import MechanismConfig, run_mechanism
+
+        pte_sets = {k[4:]: v for k, v in sets.items() if k.startswith("pte.")}
+        cfg = MechanismConfig(**{k: v for k, v in sets.items() if not k.startswith("pte.")},
+                              pte=PTEConfig(**pte_sets) if pte_sets else None)
+        out = Path(args.out or "runs/study/mechanism.jsonl")
+        for method in args.methods:
+            tracker = _tracker("pte-study", f"mechanism-{method}", {"study": "mechanism", "method": method,
+                                                                     "tag": args.tag})
+            res = run_mechanism(cfg, method, progress=True)
+            row = {"study": "mechanism", "tag": args.tag, "method": method, "settings": sets,
+                   **dataclasses.asdict(res)}
+            tracker.log_params({"method": method, **{k: str(v) for k, v in sets.items()}})
+            tracker.log_metrics({"accuracy": res.accuracy, "final_loss": res.final_loss, "seconds": res.seconds}, 0)
+            tracker.close()
+            _record(out, row)
+        return 0
+    from pte.config import load_params
+
+    params = _override(load_params(args.params), sets)
+    out = Path(args.out or "runs/study/varchain.jsonl")
+    for method in args.methods:
+        name = f"varchain-{method}-{args.tag or int(time.time())}"
+        tracker = _tracker("pte-study", name, {"study": "varchain", "method": method, "tag": args.tag})
+        res = varchain_probe(params, method, args.base, Path(args.data) / "train.jsonl",
+                             Path(args.data) / "eval.jsonl", Path(args.runs) / name, args.eval_problems)
+        tracker.log_params({"method": method, **{k: str(v) for k, v in sets.items()}})
+        tracker.log_metrics({k: v for k, v in res.items() if v is not None}, 0)
+        tracker.close()
+        _record(out, {"study": "varchain", "tag": args.tag, "method": method, "settings": sets, **res})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

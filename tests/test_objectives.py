@@ -1,0 +1,178 @@
+"""sft and distill through the segment-wise replay: they learn, the teacher is the full-cache base, memory stays
+bounded by one chunk, and GRPO can start from their adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pte.adapters import attach_adapter
+from pte.cache import CachePlan
+from pte.config import AdapterConfig, PTEConfig, params_from_dict
+from pte.objectives import FullCacheTeacher, completion_tokens, jsd_loss, recall_positions
+from pte.replay import replay_chunks
+from pte.tasks import VarChainConfig, recall_spans, var_chain, worked_solution
+from pte.tracking import read_metrics
+from pte.train import Trainer, train
+from tests.conftest import batch, tiny
+
+ROWS = [var_chain(VarChainConfig(steps=5, min_gap=2, min_depth=2), 0, i) for i in range(8)]
+PROBLEMS = [p for p, _ in ROWS]
+ANSWERS = [a for _, a in ROWS]
+SOLUTIONS = [worked_solution("var_chain", p) for p in PROBLEMS]
+
+
+def params(objective: str, **train_kw):
+    train_cfg = {"steps": 6, "prompts_per_step": 4, "rollout_batch": 8, "micro_batch": 4, "lr": 0.01,
+                 "save_every": 100, "objective": objective}
+    train_cfg.update(train_kw)
+    return params_from_dict({
+        "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 16}, "adapter": {"rank": 4, "alpha": 8.0},
+        "pte": {"global_tokens": 4},
+        "grpo": {"num_generations": 2, "max_completion_length": 24, "reward": "char_match", "beta": 0.0},
+        "train": train_cfg})
+
+
+def test_recall_positions_mark_the_recalled_digits():
+    _, tok = tiny("llama-tiny")
+    tokens, mask = completion_tokens(tok, SOLUTIONS[:2], tok.eos_token_id, tok.pad_token_id)
+    pos = recall_positions(tok, PROBLEMS[:2], SOLUTIONS[:2], tokens.shape[1])
+    for b in range(2):
+        (lo, hi), = recall_spans(PROBLEMS[b], SOLUTIONS[b])
+        assert tok.decode(tokens[b][pos[b]]) == SOLUTIONS[b][lo:hi]
+        assert int(mask[b].sum()) == len(tok(SOLUTIONS[b], add_special_tokens=False)["input_ids"]) + 1
+
+
+@pytest.mark.parametrize("method", ["pte", "lora_c", "lora"])
+def test_sft_lowers_the_solution_nll_and_reports_recall(tmp_path, method, one_thread):
+    last = train(params("sft"), method, PROBLEMS, ANSWERS, tmp_path, progress=False, problems=PROBLEMS,
+                 solutions=SOLUTIONS)
+    hist = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(hist) == 6 and hist[-1]["loss"] < hist[0]["loss"] * 0.8, [h["loss"] for h in hist]
+    assert 0.0 <= last["recall/token_accuracy"] <= 1.0 and last["recall/nll"] > 0
+
+
+def test_sft_without_solutions_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs a worked solution"):
+        Trainer(params("sft"), "pte", PROBLEMS, ANSWERS, tmp_path)
+
+
+def test_teacher_is_the_adapter_free_full_cache_model_chunk_by_chunk(one_thread):
+    model, tok = tiny("llama-tiny")
+    model = attach_adapter(model, "pte", AdapterConfig(rank=4, alpha=8.0), PTEConfig(global_tokens=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "pte_up" in n:
+                p.normal_()  # a non-trivial adapter, which the teacher must not use
+    ids, pmask = batch(tok)
+    tokens = torch.randint(0, 250, (ids.shape[0], 20))
+    plan = CachePlan(ids.shape[1], 8, 2)
+    teacher = FullCacheTeacher(model, ids, pmask, tokens)
+    got = torch.cat([teacher.logits(slice(0 if k == 0 else a + 1, b + 1))
+                     for k, (a, b, _) in enumerate(replay_chunks(plan, tokens.shape[1]))], dim=1)
+    base, _ = tiny("llama-tiny")
+    full_ids = torch.cat([ids, tokens[:, :-1]], dim=1)
+    full_mask = torch.cat([pmask, torch.ones_like(tokens[:, :-1])], dim=1)
+    pos = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = base(input_ids=full_ids, attention_mask=full_mask, position_ids=pos).logits[:, ids.shape[1] - 1:]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_jsd_loss_is_the_token_mean_kl_of_eq3():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ls, lt = F.log_softmax(s / 0.7, -1), F.log_softmax(t / 0.7, -1)
+    kl = (ls.exp() * (ls - lt)).sum(-1)  # KL(student || teacher) per position
+    ref = (kl * mask).sum() / 8.0
+    torch.testing.assert_close(jsd_loss(s, t, mask, 1.0, 8.0, 0.7), ref)
+    assert float(jsd_loss(s, s, mask, 0.5, 8.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_of_a_fresh_full_cache_adapter_is_zero_and_bounded_methods_learn(tmp_path, one_thread):
+    """A fresh adapter *is* the base, so with a full cache the student equals the teacher: divergence 0."""
+    last = train(params("distill", steps=1), "lora", PROBLEMS, ANSWERS, tmp_path / "lora", progress=False)
+    assert last["distill/divergence"] == pytest.approx(0.0, abs=1e-6)
+    train(params("distill", steps=6), "pte", PROBLEMS, ANSWERS, tmp_path / "pte", progress=False,
+          problems=PROBLEMS)
+    hist = read_metrics(tmp_path / "pte" / "metrics.jsonl")
+    assert hist[0]["distill/divergence"] > 0 and "recall/accuracy" in hist[0]
+
+
+@pytest.mark.parametrize("objective", ["sft", "distill"])
+def test_no_saved_vocabulary_tensor_spans_more_than_one_chunk(tmp_path, objective, one_thread):
+    """Saved-tensor hooks see every activation autograd keeps: none with the vocabulary as last dimension covers
+    more positions than the widest replay chunk (P + e), so memory is bounded by one segment, not the sequence."""
+    p = params(objective, steps=1, micro_batch=8, prompts_per_step=8 if objective == "sft" else 4)
+    trainer = Trainer(p, "pte", PROBLEMS, ANSWERS, tmp_path, problems=PROBLEMS, solutions=SOLUTIONS)
+    vocab = trainer.model.config.vocab_size
+    widest = []
+
+    def pack(x):
+        if x.requires_grad and x.dim() == 3 and x.shape[-1] == vocab:  # [B, n, V] activations, not frozen weights
+            widest.append(x.shape[-2])
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        trainer.train_step()
+    window, evict = 16, 4
+    longest_completion = 60  # var_chain solutions here are shorter: any whole-sequence tensor would exceed a chunk
+    assert widest and max(widest) <= max(window, evict) + 1 < longest_completion
+
+
+def test_grpo_starts_from_an_sft_adapter(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    train(params("sft", steps=2), "pte", PROBLEMS, ANSWERS, tmp_path / "sft", progress=False, problems=PROBLEMS,
+          solutions=SOLUTIONS)
+    saved = load_file(str(tmp_path / "sft" / "adapter" / "adapter_model.safetensors"))
+    trainer = Trainer(params("grpo", init_adapter=str(tmp_path / "sft" / "adapter")), "pte", PROBLEMS, ANSWERS,
+                      tmp_path / "grpo")
+    got = dict(trainer.model.named_parameters())
+    for k, v in saved.items():
+        torch.testing.assert_close(got[k].detach(), v)
+    with pytest.raises(ValueError, match="holds a 'pte' adapter, not 'lora_c'"):
+        Trainer(params("grpo", init_adapter=str(tmp_path / "sft" / "adapter")), "lora_c", PROBLEMS, ANSWERS,
+                tmp_path / "bad")
+    assert dataclasses.asdict(trainer.params.train)["init_adapter"]
+
+
+def test_k3_is_an_unbiased_estimate_of_the_exact_kl():
+    """E_{y ~ p}[k3(y)] = KL(p || q): the exact term is what GRPO's k3 KL estimates, per position."""
+    from pte.grpo import per_token_kl
+    from pte.objectives import token_kl
+
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(1, 3, 7, generator=g), torch.randn(1, 3, 7, generator=g)
+    exact = token_kl(s, t)  # [1, 3]
+    ls, lt = F.log_softmax(s, -1)[0], F.log_softmax(t, -1)[0]
+    draws = torch.multinomial(ls.exp(), 200_000, replacement=True, generator=g)  # [3, N]
+    k3 = per_token_kl(ls.gather(1, draws), lt.gather(1, draws)).mean(1)
+    torch.testing.assert_close(k3, exact[0], atol=5e-3, rtol=2e-2)
+
+
+def test_exact_kl_replaces_k3_in_the_token_objective():
+    from pte.grpo import GRPOLossConfig, per_token_objective
+
+    g = torch.Generator().manual_seed(2)
+    lp, old, ref = (torch.randn(2, 4, generator=g) * 0.1 - 1 for _ in range(3))
+    adv, mask, kl = torch.tensor([1.0, -1.0]), torch.ones(2, 4), torch.rand(2, 4, generator=g)
+    cfg = GRPOLossConfig(beta=0.5)
+    no_kl, _ = per_token_objective(lp, old, None, adv, mask, GRPOLossConfig(beta=0.0))
+    got, st = per_token_objective(lp, old, ref, adv, mask, cfg, exact_kl=kl)
+    torch.testing.assert_close(got, no_kl + 0.5 * kl)
+    torch.testing.assert_close(st.kl, kl.sum(-1))
+
+
+def test_grpo_with_the_exact_kl_trains_and_is_zero_for_a_fresh_full_cache_adapter(tmp_path, one_thread):
+    p = params("grpo", steps=1)
+    p = dataclasses.replace(p, grpo=dataclasses.replace(p.grpo, beta=0.1, kl_estimator="exact"))
+    last = train(p, "lora", PROBLEMS, ANSWERS, tmp_path / "lora", progress=False)
+    assert last["kl"] == pytest.approx(0.0, abs=1e-6)
+    last = train(dataclasses.replace(p, train=dataclasses.replace(p.train, steps=3)), "pte", PROBLEMS, ANSWERS,
+                 tmp_path / "pte", progress=False)
+    assert last["kl"] > 0 and last["replay/max_abs_diff"] < 1e-4
