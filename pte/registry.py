@@ -51,9 +51,6 @@ MODEL_NAME = "policy"  # the LoggedModel's name inside its run
 OUTPUT_COLUMNS = ["text", "num_evictions", "max_cache_tokens", "finished"]
 _FULL_LABELS = ("full", "null", "none", "full_cache", "inf")
 _MAX_VERSION_TAG = 100_000  # mlflow's MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
-# The models-from-code file. Named by its module so that tooling that follows `pte.*` names (tests/test_dvc_deps.py)
-# sees that the register stage runs it; it is executed by path, never imported here (it calls set_model on import).
-MODEL_CODE_MODULE = "pte.registry_model"
 
 
 class PTEPredictor(mlflow.pyfunc.PythonModel):
@@ -287,9 +284,11 @@ def _signature():
 
 def model_code_path() -> str:
     """Path of the models-from-code file (``pte/registry_model.py``) that :func:`register` logs as the model."""
-    spec = importlib.util.find_spec(MODEL_CODE_MODULE)
+    # Found, not imported (importing it would call set_model); the literal name lets the dvc.yaml dependency check
+    # (tests/test_pipeline_config.py) see that the register stage runs this file.
+    spec = importlib.util.find_spec("pte.registry_model")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"{MODEL_CODE_MODULE} is missing from the installed pte package; reinstall pte.")
+        raise FileNotFoundError("pte.registry_model is missing from the installed pte package; reinstall pte.")
     return spec.origin
 
 
