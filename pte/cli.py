@@ -1,4 +1,4 @@
-"""The ``pte`` console script: ``pte generate`` and the pipeline stage commands.
+"""The ``pte`` console script: ``pte generate``, ``pte tracking sync`` and the pipeline stage commands.
 
 Each command parses its arguments, calls one function of the package and prints; user errors
 (bad paths, bad values) are reported as one ``error:`` line with exit status 2, never a traceback.
@@ -76,12 +76,46 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking_parser(sub) -> None:
+    p = sub.add_parser("tracking", help="MLflow tracking utilities")
+    tsub = p.add_subparsers(dest="tracking_command", required=True)
+    s = tsub.add_parser("sync", help="replay an offline training run (metrics.jsonl) into MLflow, once",
+                        description="Replay the params and per-step metrics of a run that trained while the MLflow "
+                                    "server was unreachable. Idempotent: a run already synced is not logged again.")
+    s.add_argument("run", help="training output directory holding metrics.jsonl (e.g. models/pte), or the file")
+    s.add_argument("--params", help="params file whose `tracking` section names the server and experiment (default: "
+                                    "params.yaml when it exists, else the tracking defaults)")
+    s.add_argument("--tracking-uri", help="override tracking.tracking_uri (e.g. http://127.0.0.1:5000)")
+    s.add_argument("--experiment", help="override tracking.experiment")
+    s.add_argument("--run-name", help="MLflow run name (default: train-<method> from the run's params)")
+    s.set_defaults(func=_cmd_tracking_sync)
+
+
+def _cmd_tracking_sync(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from pte.config import TrackingConfig, load_params
+    from pte.tracking import sync_run
+
+    if args.params or Path("params.yaml").is_file():
+        cfg = load_params(args.params or "params.yaml").tracking
+    else:
+        cfg = TrackingConfig()
+    overrides = {"tracking_uri": args.tracking_uri, "experiment": args.experiment}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    result = sync_run(args.run, cfg, run_name=args.run_name)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pte", description="Progressive Thought Encoding: GRPO under a bounded KV "
                                                              "cache.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _tracking_parser(sub)
     for add in extra:
         add(sub)
     return parser

@@ -83,18 +83,19 @@ class Generator:
         return next(self.model.parameters()).device
 
     def rollout(self, prompts: list[str], cache: CacheConfig, sampling: SamplingConfig, seed: int = 0,
-                raw: bool = False, progress: bool = False) -> Rollout:
-        """Generate for a batch of prompt texts; returns the raw :class:`Rollout`."""
-        ids, mask = encode_prompts(self.tokenizer, prompts, raw=raw, device=self.device)
+                raw: bool = False, progress: bool = False, system: str | None = None) -> Rollout:
+        """Generate for a batch of prompt texts (``system``: optional system message, as in :func:`encode_prompts`);
+        returns the raw :class:`Rollout`."""
+        ids, mask = encode_prompts(self.tokenizer, prompts, raw=raw, device=self.device, system=system)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return generate(self.model, ids, mask, cache, sampling, eos_ids(self.model, self.tokenizer),
                         self.tokenizer.pad_token_id, generator=gen, progress=progress)
 
     def __call__(self, prompts: list[str], cache: CacheConfig, sampling: SamplingConfig, seed: int = 0,
-                 raw: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+                 raw: bool = False, progress: bool = False, system: str | None = None) -> list[dict[str, Any]]:
         """Generate and decode: one dict per prompt with ``text``, ``token_ids``, ``num_evictions``,
         ``max_cache_tokens``, ``finished``."""
-        out = self.rollout(prompts, cache, sampling, seed=seed, raw=raw, progress=progress)
+        out = self.rollout(prompts, cache, sampling, seed=seed, raw=raw, progress=progress, system=system)
         eos = set(eos_ids(self.model, self.tokenizer))
         results = []
         for b in range(len(prompts)):

@@ -1,19 +1,26 @@
-"""Package a trained policy as an MLflow model version and promote it by champion / challenger aliases (DESIGN 4).
+"""Package a trained policy as an MLflow model version and promote it by champion / challenger aliases
+(``docs/pipeline.md``, "The registered model").
 
 * :class:`PTEPredictor`: a pyfunc model whose ``load_context`` rebuilds the policy (base model + adapter directory)
-  and whose ``predict`` generates under the bounded KV cache (DESIGN 3.1) through :class:`pte.inference.Generator`,
-  with the cache and sampling settings recorded in the model's ``model_config``.
+  and whose ``predict`` generates under the bounded KV cache (``docs/method.md``) through
+  :class:`pte.inference.Generator`, with the cache, sampling and prompt settings recorded in the model's
+  ``model_config``: a bare problem is phrased as in training (``data.prompt_template``, ``data.system_prompt``).
+* The model is logged from code (MLflow "models from code": the source file ``pte/registry_model.py``, which calls
+  ``mlflow.models.set_model``), so the logged model holds no pickled Python object and loading it runs no
+  unpickled code.
 * :func:`register`: logs that model (base model copied in, or referenced by its source), registers a new version
   tagged with the compared metric, budget, method and git SHA, and moves ``champion`` to it only when it beats the
   current champion on ``registry.metric`` at ``registry.budget`` (else it gets ``challenger``).
 * :func:`load_champion`: ``mlflow.pyfunc.load_model("models:/<name>@champion")``.
 
-An unreachable tracking server raises :class:`ConnectionError` before anything is written. With ``pte.tracking``, the
-only module importing mlflow. It knows nothing about training or how evaluation computes its metrics.
+An unreachable tracking server raises :class:`ConnectionError` before anything is written. With ``pte.tracking`` (and
+the model file ``pte.registry_model``), the only module importing mlflow. It knows nothing about training or how
+evaluation computes its metrics.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -32,6 +39,7 @@ from mlflow.exceptions import MlflowException
 
 from pte.adapters import METHODS, read_adapter_meta
 from pte.config import CacheConfig, RegistryConfig, SamplingConfig, TrackingConfig
+from pte.data import DataConfig, format_prompt
 from pte.tracking import clean_metrics, configure_http, ensure_experiment, run_context, unreachable_reason
 
 __all__ = ["CHALLENGER", "CHAMPION", "PTEPredictor", "load_champion", "package_policy", "register", "select_metric"]
@@ -50,8 +58,10 @@ class PTEPredictor(mlflow.pyfunc.PythonModel):
 
     ``model_config`` keys (override any at load time: ``mlflow.pyfunc.load_model(uri, model_config={...})``):
     ``window``, ``budget``, ``evict_ratio`` (cache; set one of window / budget, the other null), ``max_new_tokens``,
-    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``batch_size``, ``raw`` (skip the chat template), ``dtype``,
-    ``device`` (null = cuda when available), ``base_model_ref`` (source of a base model that was not copied in).
+    ``temperature``, ``top_p``, ``top_k``, ``seed``, ``batch_size``, ``prompt_template`` (the training template
+    text, with ``{problem}``), ``system_prompt`` (the training system message or null), ``raw`` (send inputs
+    verbatim: no template, no system message, no chat template), ``dtype``, ``device`` (null = cuda when available),
+    ``base_model_ref`` (source of a base model that was not copied in).
     """
 
     def load_context(self, context) -> None:
@@ -71,6 +81,26 @@ class PTEPredictor(mlflow.pyfunc.PythonModel):
                                        top_p=float(cfg.get("top_p", 1.0)), top_k=int(cfg.get("top_k", 0)))
         self.seed, self.batch_size = int(cfg.get("seed", 0)), max(1, int(cfg.get("batch_size", 8)))
         self.raw = bool(cfg.get("raw", False))
+        # versions registered before the prompt was recorded send their inputs as the user message, as they did
+        self.data = DataConfig(prompt_template=cfg.get("prompt_template") or "{problem}",
+                               system_prompt=cfg.get("system_prompt") or None)
+
+    def build_prompts(self, problems: list[str], raw: bool = False) -> tuple[list[str], str | None]:
+        """The user messages and system message of ``problems``, phrased as in training and evaluation.
+
+        The training stage turns each problem into ``pte.data.format_prompt(problem, data)`` and chat-templates it
+        with ``pte.inference.encode_prompts(..., system=data.system_prompt)``; this returns the same two inputs.
+
+        Args:
+            problems: bare problems (``raw=False``), or complete prompt texts (``raw=True``).
+            raw: send the texts as they are: no template and no system message.
+
+        Returns:
+            ``(texts, system)``: one text per problem and the system message (None when raw or unset).
+        """
+        if raw:
+            return list(problems), None
+        return [format_prompt(p, self.data) for p in problems], self.data.system_prompt
 
     # The DataFrame hint (mlflow skips schema inference for it) stands for every accepted form, listed below.
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -78,20 +108,23 @@ class PTEPredictor(mlflow.pyfunc.PythonModel):
 
         Args:
             context: the MLflow context (unused; everything is loaded in ``load_context``).
-            model_input: a DataFrame with a ``prompt`` column (or one column), a list of strings, a string, or a
-                dict ``{"prompt": str | list[str]}``.
-            params: ``{"seed": int}`` (batch ``i`` samples with ``seed + i * batch_size``).
+            model_input: bare problems, phrased with the recorded template and system message (see
+                :meth:`build_prompts`): a DataFrame with a ``prompt`` column (or one column), a list of strings, a
+                string, or a dict ``{"prompt": str | list[str]}``.
+            params: ``{"seed": int}`` (batch ``i`` samples with ``seed + i * batch_size``), ``{"raw": bool}``
+                (send the inputs verbatim, without template, system message or chat template).
 
         Returns:
             One row per prompt: ``text``, ``num_evictions``, ``max_cache_tokens`` (most KV slots held: prompt block +
             thinking window at most), ``finished`` (ended with EOS).
         """
-        prompts = _prompts(model_input)
         seed = int((params or {}).get("seed", self.seed))
+        raw = bool((params or {}).get("raw", self.raw))
+        prompts, system = self.build_prompts(_prompts(model_input), raw)
         rows: list[dict[str, Any]] = []
         for i in range(0, len(prompts), self.batch_size):
             rows += self.generator(prompts[i : i + self.batch_size], self.cache, self.sampling, seed=seed + i,
-                                   raw=self.raw)
+                                   raw=raw, system=system)
         return pd.DataFrame([{k: r[k] for k in OUTPUT_COLUMNS} for r in rows], columns=OUTPUT_COLUMNS)
 
 
@@ -199,7 +232,8 @@ def _requirements(gguf: bool) -> list[str]:
 
 def package_policy(adapter_dir: str | Path, base_model: str | Path, include_base: bool, cache: CacheConfig,
                    sampling: SamplingConfig, dtype: str = "float32", seed: int = 0,
-                   base_source: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+                   base_source: str | None = None,
+                   data: DataConfig | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """The pyfunc ``(artifacts, model_config)`` of a policy.
 
     Args:
@@ -208,6 +242,8 @@ def package_policy(adapter_dir: str | Path, base_model: str | Path, include_base
         include_base: copy a local base model into the model's artifacts; else record only a reference.
         cache, sampling, dtype, seed: the predictor's settings (``model_config``; overridable at load time).
         base_source: the base model's original source (recorded for humans).
+        data: the ``data`` section the policy was trained with; its template text and system prompt are recorded
+            (default: :class:`~pte.data.DataConfig`'s).
 
     Raises:
         FileNotFoundError: the adapter directory, or a local base directory without ``config.json``.
@@ -229,7 +265,9 @@ def package_policy(adapter_dir: str | Path, base_model: str | Path, include_base
     config = {"base_model_ref": ref, "base_source": base_source or str(base_model), "window": cache.window,
               "budget": cache.budget, "evict_ratio": cache.evict_ratio, "max_new_tokens": sampling.max_new_tokens,
               "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": seed,
-              "batch_size": 8, "raw": False, "dtype": dtype, "device": None}
+              "batch_size": 8, "raw": False, "dtype": dtype, "device": None,
+              # the text, not the template's name: a later change of PROMPT_TEMPLATES must not rephrase this version
+              "prompt_template": (data or DataConfig()).template, "system_prompt": (data or DataConfig()).system_prompt}
     return artifacts, config
 
 
@@ -240,7 +278,18 @@ def _signature():
     # No input schema on purpose: a schema would reject a plain list of prompts; _prompts validates instead.
     outputs = Schema([ColSpec("string", "text"), ColSpec("long", "num_evictions"),
                       ColSpec("long", "max_cache_tokens"), ColSpec("boolean", "finished")])
-    return ModelSignature(inputs=None, outputs=outputs, params=ParamSchema([ParamSpec("seed", "long", 0)]))
+    return ModelSignature(inputs=None, outputs=outputs,
+                          params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("raw", "boolean", False)]))
+
+
+def model_code_path() -> str:
+    """Path of the models-from-code file (``pte/registry_model.py``) that :func:`register` logs as the model."""
+    # Found, not imported (importing it would call set_model); the literal name lets the dvc.yaml dependency check
+    # (tests/test_pipeline_config.py) see that the register stage runs this file.
+    spec = importlib.util.find_spec("pte.registry_model")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("pte.registry_model is missing from the installed pte package; reinstall pte.")
+    return spec.origin
 
 
 @contextlib.contextmanager
@@ -331,7 +380,8 @@ def _log_policy(client: MlflowClient, tracking: TrackingConfig, uri: str, run_id
             mlflow.log_metrics(metrics)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example.*")
-            info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=PTEPredictor(), artifacts=artifacts,
+            # a path, not an instance: the model is logged from code and nothing is pickled
+            info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=model_code_path(), artifacts=artifacts,
                                            model_config=model_config, signature=_signature(),
                                            pip_requirements=_requirements(ref.endswith(".gguf") or "pkg://" in ref))
     return info.model_uri, run.info.run_id
@@ -353,8 +403,8 @@ def _version_tags(value: float, label: str, cfg: RegistryConfig, method: str, so
 def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict[str, Any] | str | Path,
              cfg: RegistryConfig | None = None, tracking: TrackingConfig | None = None,
              cache: CacheConfig | None = None, sampling: SamplingConfig | None = None, run_id: str | None = None,
-             base_source: str | None = None,
-             dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+             base_source: str | None = None, dtype: str = "float32", seed: int = 0,
+             data: DataConfig | None = None) -> dict[str, Any]:
     """Register a trained policy as a new model version; it becomes ``champion`` only if it beats the current one.
 
     Args:
@@ -366,6 +416,7 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
         cache, sampling, dtype, seed: the predictor's bounded cache, decoding, weights dtype and default seed.
         run_id: log the model into this existing run (e.g. the training run) instead of a new one.
         base_source: the base model's source string for the default name (default: the adapter's record).
+        data: the ``data`` section of training; the model phrases bare problems with its template and system prompt.
 
     Returns:
         ``{name, version, alias, metric, budget, previous_champion, run_id, model_uri}``; ``previous_champion`` is
@@ -386,7 +437,7 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
     value, label = select_metric(eval_metrics, cfg.metric, cfg.budget_key(), method)
     name = cfg.resolved_model_name(source)
     artifacts, model_config = package_policy(adapter_dir, base_model, cfg.include_base_model, cache or CacheConfig(),
-                                             sampling, dtype, seed, source)
+                                             sampling, dtype, seed, source, data)
     uri = tracking.resolved_uri()
     _require_reachable(uri, "nothing was registered; the trained adapter and evaluation reports on disk are intact",
                        _RETRY_REGISTER)

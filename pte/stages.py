@@ -131,7 +131,8 @@ def stage_register(params: Params, base: str | None, adapter: Path, metrics: Pat
     elif budget == "min" and any(b is not None for b in ev.budgets):
         cache = CacheConfig(window=None, budget=min(b for b in ev.budgets if b is not None), evict_ratio=ev.evict_ratio)
     return register(adapter, base or params.model.source, metrics, params.registry, params.tracking, cache=cache,
-                    sampling=ev.sampling(), base_source=params.model.source, seed=params.base.seed)
+                    sampling=ev.sampling(), base_source=params.model.source, seed=params.base.seed,
+                    data=params.data)
 
 
 def _cmd(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@ unreachable tracking server never loses a run: :func:`make_tracker` probes the s
 socket timeout and falls back to the JSON-lines file alone, and :class:`MlflowTracker` switches itself
 off (with one warning) after the first MLflow error instead of raising into training.
 
+:func:`sync_run` replays such a file (its params, tags and per-step metrics) into MLflow once the server is back
+(``pte tracking sync <run dir>``, ``docs/pipeline.md``); replaying it again logs nothing.
+
 This module and ``pte.registry`` are the only ones that import mlflow (lazily here, so that training
 without MLflow never pays the import). It knows nothing about models, training or the registry.
 """
@@ -40,7 +43,9 @@ __all__ = [
     "flatten_params",
     "make_tracker",
     "read_metrics",
+    "read_run",
     "run_context",
+    "sync_run",
     "unreachable_reason",
 ]
 
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 6000  # mlflow's MAX_PARAM_VAL_LENGTH
 MAX_TAG_CHARS = 8000  # mlflow's MAX_TAG_VAL_LENGTH
 _BATCH = 100  # mlflow's MAX_PARAMS_TAGS_PER_BATCH (metrics allow 1000; one limit keeps it simple)
+_METRIC_BATCH = 1000  # mlflow's MAX_METRICS_PER_BATCH, for replaying a whole run
+SYNC_TAG = "pte.sync_id"  # the tag that makes `pte tracking sync` idempotent
 # Without these, one call to a dead server retries 7 times with exponential backoff and stalls a step for minutes.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
@@ -91,16 +98,28 @@ def _finite(v: float | None) -> float | None:
 
 
 class JsonlTracker(Tracker):
-    """Appends ``{"step": s, **metrics}`` lines to a file (resumed runs append; readers keep the last per step)."""
+    """Appends ``{"step": s, **metrics}`` lines to a file (resumed runs append; readers keep the last per step).
+
+    Params and tags go to the same file as ``{"params": {...}}`` / ``{"tags": {...}}`` lines (no ``step``), so that the
+    file alone describes the run and :func:`sync_run` can replay it into MLflow later.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+    def _append(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._append({"params": params})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._append({"tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._append({"step": step, **{k: _finite(v) for k, v in metrics.items()}})
 
 
 class MultiTracker(Tracker):
@@ -138,16 +157,39 @@ class MultiTracker(Tracker):
             t.__exit__(exc_type, exc, tb)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics JSON-lines file, one per step (the last line written for a step wins: resumes rewrite)."""
+def read_run(path: str | Path) -> tuple[dict[str, Any], dict[str, str], list[dict[str, Any]]]:
+    """``(params, tags, rows)`` of a :class:`JsonlTracker` file: params and tags merged in order (later lines win),
+    rows one per step (the last line written for a step wins: resumes rewrite). A missing file is an empty run.
+
+    Raises:
+        ValueError: a line is not a JSON object with ``step``, ``params`` or ``tags`` (names the file and line).
+    """
+    params: dict[str, Any] = {}
+    tags: dict[str, str] = {}
     by_step: dict[int, dict[str, Any]] = {}
     path = Path(path)
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg}); fix or delete that line") from exc
+        if isinstance(row, dict) and "step" in row:
+            by_step[int(row["step"])] = row
+        elif isinstance(row, dict) and isinstance(row.get("params"), dict):
+            params.update(row["params"])
+        elif isinstance(row, dict) and isinstance(row.get("tags"), dict):
+            tags.update(row["tags"])
+        else:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'step', 'params' or 'tags'; got {line[:80]!r}")
+    return params, tags, [by_step[s] for s in sorted(by_step)]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics JSON-lines file, one per step (the last line written for a step wins: resumes rewrite)."""
+    return read_run(path)[2]
 
 
 # -- helpers shared with pte.registry -----------------------------------------------------------------------------
@@ -178,6 +220,11 @@ def _metric_name(name: str) -> str:
     # mlflow accepts only [/\w.\- :]; anything else (e.g. "pass@4") would reject the whole batch
     safe = "".join(c if c.isalnum() or c in "/_.- :" else "_" for c in str(name))
     return safe.strip("/") or "_"
+
+
+def _mlflow_params(params: dict[str, Any]) -> dict[str, str]:
+    """Flattened (``a.b``), stringified, truncated params whose keys follow MLflow's key rules (those of metrics)."""
+    return {_metric_name(k)[:250]: v for k, v in flatten_params(params).items()}
 
 
 def clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -325,7 +372,7 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         """Flattened (``a.b``), stringified, truncated; a key already logged with another value is skipped (MLflow
         params are immutable) with a warning."""
-        flat = {_metric_name(k)[:250]: v for k, v in flatten_params(params).items()}  # key rules = metric names
+        flat = _mlflow_params(params)
         changed = sorted(k for k, v in flat.items() if k in self._params and self._params[k] != v)
         if changed:
             log.warning("MLflow params are immutable; not re-logging changed keys %s of run %s", changed[:5],
@@ -396,3 +443,90 @@ def make_tracker(cfg: TrackingConfig, run_name: str, out_dir: str | Path | None 
                 "tracking.tracking_uri / MLFLOW_TRACKING_URI (tracking.enabled: false silences this).",
                 uri, reason, run_name, where)
     return local
+
+
+# -- replaying an offline run ---------------------------------------------------------------------------------------
+
+
+def _sync_id(params: dict[str, Any], tags: dict[str, str], rows: list[dict[str, Any]]) -> str:
+    """A digest of what would be logged: the same run content (wherever its file lies) gets the same id."""
+    blob = json.dumps({"params": params, "tags": tags, "rows": rows}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _runs_with_tag(client: Any, exp_id: str, key: str, value: str) -> list[Any]:
+    return client.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'", max_results=50)
+
+
+def _replay(client: Any, run_id: str, params: dict[str, str], rows: list[dict[str, Any]], stamp: int) -> None:
+    from mlflow.entities import Metric, Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=items[i : i + _BATCH])
+    metrics = [Metric(k, v, stamp, int(row["step"])) for row in rows
+               for k, v in clean_metrics({k: v for k, v in row.items() if k != "step"}).items()]
+    for i in range(0, len(metrics), _METRIC_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + _METRIC_BATCH])
+
+
+def sync_run(path: str | Path, cfg: TrackingConfig, run_name: str | None = None) -> dict[str, Any]:
+    """Replay an offline run (a :class:`JsonlTracker` file) into MLflow, once.
+
+    The MLflow run gets the file's params and tags, every step's metrics, and the tag ``pte.sync_id``: a digest of
+    that content. A later call finds the finished run with the same digest in the experiment and logs nothing; a
+    run left unfinished by an interrupted sync is deleted and replayed. A file that grew since (a resumed training)
+    has another digest and becomes a new run.
+
+    Args:
+        path: a run directory holding ``metrics.jsonl`` (e.g. ``models/pte``), or the file itself.
+        cfg: the ``tracking`` section (URI, experiment, artifact location); ``enabled`` is ignored.
+        run_name: the MLflow run name (default: ``train-<method>`` from the params, else the directory name).
+
+    Returns:
+        ``{"run_id", "synced" (False when it already was), "steps", "sync_id", "tracking_uri", "experiment"}``.
+
+    Raises:
+        FileNotFoundError: no metrics file at ``path``.
+        ValueError: the file holds no steps, or a malformed line.
+        ConnectionError: the tracking server is unreachable (nothing was written).
+    """
+    from mlflow import MlflowClient
+
+    path = Path(path)
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no metrics file at {str(file)!r}; pass a training output directory (e.g. "
+                                "models/pte) or its metrics.jsonl.")
+    params, tags, rows = read_run(file)
+    if not rows:
+        raise ValueError(f"{file} holds no per-step metrics; nothing to sync.")
+    sync_id = _sync_id(params, tags, rows)
+    uri = cfg.resolved_uri()
+    reason = unreachable_reason(uri)
+    if reason is not None:
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({reason}); nothing was synced and "
+                              f"{file} is intact. Start the server (or pass --tracking-uri) and run `pte tracking "
+                              f"sync {path}` again.")
+    configure_http(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = ensure_experiment(client, cfg.experiment, cfg.resolved_artifact_location(uri))
+    result = {"sync_id": sync_id, "steps": len(rows), "tracking_uri": uri, "experiment": cfg.experiment}
+    for run in _runs_with_tag(client, exp_id, SYNC_TAG, sync_id):
+        if run.info.status == "FINISHED":
+            return {**result, "run_id": run.info.run_id, "synced": False}
+        client.delete_run(run.info.run_id)  # an interrupted sync: replay it whole rather than guess what is missing
+    method = params.get("method")
+    name = run_name or (f"train-{method}" if method else file.parent.resolve().name)
+    all_tags = {**tags, **({"method": str(method), "stage": "train"} if method else {}), SYNC_TAG: sync_id,
+                "pte.synced_from": str(file.resolve())[:MAX_TAG_CHARS]}
+    run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    try:
+        # every point gets the file's time: the steps were logged then, not now
+        _replay(client, run_id, _mlflow_params(params), rows, int(file.stat().st_mtime * 1000))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("synced %d steps of %s into run %s at %s", len(rows), file, run_id, uri)
+    return {**result, "run_id": run_id, "synced": True}

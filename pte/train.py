@@ -164,7 +164,6 @@ class Trainer:
                                        use_bias_correction_kl=params.grpo.use_bias_correction_kl)
         local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
         self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
-        self.tracker.log_params({"method": method, **params.to_dict()})
         self.step = self.first_step = 0
 
     # -- one step -------------------------------------------------------------------------------------------------
@@ -404,6 +403,8 @@ class Trainer:
 
         cfg = self.params.train
         self.first_step = self.step
+        # here, not in __init__: resume() may delete a stale metrics.jsonl, and the file must describe its own run
+        self.tracker.log_params({"method": self.method, **self.params.to_dict()})
         last: dict[str, float] = {}
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {self.method}",
                    disable=not (progress and is_main()))

@@ -34,6 +34,8 @@ NAMESPACE = "pte"
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest and newest schema sets we promise to pass
 UID = 10001
 POD_KINDS = {"Job", "Deployment", "StatefulSet", "DaemonSet", "Pod"}
+TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2 (v2.3: runtimePatches)
+TRAINER_CONTAINER = "node"  # the one container (and replicated job) of the torch-distributed ClusterTrainingRuntime
 JOB_TEMPLATE = K8S / "overlays" / "prefect-worker" / "base-job-template.json"
 
 INSTALL = {
@@ -134,6 +136,37 @@ def render_job_template(values: dict[str, Any] | None = None) -> dict[str, Any]:
     return manifest
 
 
+def trainjob_node_patch(job: dict[str, Any]) -> dict[str, Any]:
+    """The pod template patch of a TrainJob's ``node`` job (its runtimePatches entries merged in order)."""
+    template: dict[str, Any] = {"metadata": {}, "spec": {}}
+    for patch in job["spec"].get("runtimePatches", []):
+        for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            if rj["name"] == TRAINER_CONTAINER:
+                pod = rj["template"]["spec"]["template"]
+                template["metadata"].update(copy.deepcopy(pod.get("metadata", {})))
+                template["spec"].update(copy.deepcopy(pod.get("spec", {})))
+    return template
+
+
+def trainjob_pod(job: dict[str, Any]) -> dict[str, Any]:
+    """The pod template a TrainJob on the torch-distributed runtime produces: the runtime's one ``node`` container
+    with the trainer's image, command, args, env and resourcesPerNode, then the runtimePatches (pod fields; the
+    container's volumeMounts and securityContext). Fields the TrainJob API cannot set stay unset, as in the pod."""
+    trainer = job["spec"]["trainer"]
+    template = trainjob_node_patch(job)
+    spec = template["spec"]
+    container: dict[str, Any] = {"name": TRAINER_CONTAINER, "image": trainer["image"]}
+    for key, field in (("command", "command"), ("args", "args"), ("env", "env"), ("resourcesPerNode", "resources")):
+        if key in trainer:
+            container[field] = copy.deepcopy(trainer[key])
+    for patch in spec.pop("containers", []):
+        assert patch["name"] == TRAINER_CONTAINER, f"the torch-distributed runtime has no container {patch['name']!r}"
+        container.update({k: v for k, v in patch.items() if k != "name"})
+    assert "initContainers" not in spec, "the torch-distributed runtime has no init containers to patch"
+    spec["containers"] = [container]
+    return {"metadata": template["metadata"], "spec": spec}
+
+
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, owner metadata, pod spec) of every pod a document would create, custom resources included."""
     for d in docs:
@@ -142,24 +175,23 @@ def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any],
             yield f"Pod/{name}", d["metadata"], d["spec"]
         elif kind in POD_KINDS:
             yield f"{kind}/{name}", d["metadata"], d["spec"]["template"]["spec"]
-        elif kind == "PyTorchJob":
-            for role, rs in d["spec"]["pytorchReplicaSpecs"].items():
-                yield f"PyTorchJob/{name}/{role}", d["metadata"], rs["template"]["spec"]
+        elif kind == "TrainJob":
+            yield f"TrainJob/{name}", d["metadata"], trainjob_pod(d)["spec"]
 
 
 def as_jobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Custom resources' pod templates as plain batch/v1 Jobs, so schema checks and checkov see them too."""
     jobs = []
     for d in docs:
-        if d.get("kind") != "PyTorchJob":
+        if d.get("kind") != "TrainJob":
             continue
-        for role, rs in d["spec"]["pytorchReplicaSpecs"].items():
-            meta = {"name": f"{d['metadata']['name']}-{role.lower()}", "namespace": d["metadata"]["namespace"],
-                    "labels": d["metadata"].get("labels", {}), "annotations": d["metadata"].get("annotations", {})}
-            template = copy.deepcopy(rs["template"])
-            template["spec"]["restartPolicy"] = rs["restartPolicy"]
-            jobs.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
-                         "spec": {"backoffLimit": 0, "template": template}})
+        meta = {"name": d["metadata"]["name"], "namespace": d["metadata"]["namespace"],
+                "labels": d["metadata"].get("labels", {}), "annotations": d["metadata"].get("annotations", {})}
+        template = trainjob_pod(d)
+        template["spec"]["restartPolicy"] = "Never"  # set by the runtime's JobSet; any Job-valid value checks the rest
+        jobs.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+                     "spec": {"backoffLimit": 0, "completionMode": "Indexed", "completions": d["spec"]["trainer"][
+                         "numNodes"], "parallelism": d["spec"]["trainer"]["numNodes"], "template": template}})
     return jobs
 
 
@@ -212,7 +244,7 @@ def test_kubernetes_validate(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs += as_jobs(docs) + [render_job_template({"gpu_limit": 1})]
     checked = 0
     for d in docs:
-        if d["apiVersion"].startswith("kubeflow.org/"):
+        if d["apiVersion"].split("/")[0].endswith("kubeflow.org"):
             continue  # no schema for the CRD: its pod templates are validated as Jobs (as_jobs)
         for version in K8S_VERSIONS:
             try:
@@ -224,34 +256,59 @@ def test_kubernetes_validate(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert checked >= 20
 
 
-def test_pytorchjob_structure(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    job = one(rendered["train-multi-gpu"], "PyTorchJob")
-    assert job["apiVersion"] == "kubeflow.org/v1"
+def test_trainjob_structure(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["train-multi-gpu"]
+    assert not [d for d in docs if d["apiVersion"].startswith("kubeflow.org/")], "the legacy PyTorchJob is gone"
+    job = one(docs, "TrainJob")
+    assert job["apiVersion"] == TRAINJOB_API
     spec = job["spec"]
-    replicas = spec["pytorchReplicaSpecs"]
-    assert set(replicas) == {"Master", "Worker"}
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
-    gpus = spec["nprocPerNode"]
-    assert re.fullmatch(r"[1-9][0-9]*", str(gpus)), f"nprocPerNode must be a GPU count, got {gpus!r}"
-    for role, rs in replicas.items():
-        assert rs["restartPolicy"] in {"Never", "OnFailure", "ExitCode"}
-        pod = rs["template"]["spec"]
-        main = [c for c in pod["containers"] if c["name"] == "pytorch"]
-        assert len(main) == 1, f"{role}: the Training Operator needs a container named 'pytorch'"
-        c = main[0]
-        for section in ("limits", "requests"):
-            assert str(c["resources"][section]["nvidia.com/gpu"]) == str(gpus), f"{role} {section}"
-        launch = " ".join(c.get("command", []) + c.get("args", []))
-        assert "torchrun" in launch and "--nproc-per-node" in launch and "$PET_NPROC_PER_NODE" in launch, launch
-        assert "$PET_MASTER_ADDR" in launch and "$PET_NODE_RANK" in launch, launch
-        assert any(p.get("name") == "pytorchjob-port" for p in c.get("ports", []))
-    master_init = [c["name"] for c in replicas["Master"]["template"]["spec"].get("initContainers", [])]
-    assert master_init == ["seed-workspace", "prerequisites"]
-    assert "initContainers" not in replicas["Worker"]["template"]["spec"]
-    cfg = one(rendered["train-multi-gpu"], "ConfigMap", "pte-config")["data"]
-    assert cfg["PTE_GPUS_PER_POD"] == str(gpus)
-    rwx = [d["spec"]["accessModes"] for d in by_kind(rendered["train-multi-gpu"], "PersistentVolumeClaim")]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                  "name": "torch-distributed"}
+    trainer = spec["trainer"]
+    cfg = one(docs, "ConfigMap", "pte-config")["data"]
+    assert isinstance(trainer["numNodes"], int) and trainer["numNodes"] == int(cfg["PTE_NUM_NODES"]) >= 2
+    gpus = cfg["PTE_GPUS_PER_POD"]
+    assert re.fullmatch(r"[1-9][0-9]*", gpus), f"PTE_GPUS_PER_POD must be a GPU count, got {gpus!r}"
+    for section in ("limits", "requests"):
+        assert str(trainer["resourcesPerNode"][section]["nvidia.com/gpu"]) == gpus, section
+    assert "numProcPerNode" not in trainer  # auto: one process per GPU of the pod
+    assert trainer["image"] == "registry.example.com/pte/pte-cuda:0.1.0", "the images: entry must reach the TrainJob"
+    launch = " ".join(trainer["command"] + trainer["args"])
+    for flag in ("--nnodes=\"$PET_NNODES\"", "--nproc-per-node=\"$PET_NPROC_PER_NODE\"",
+                 "--node-rank=\"$PET_NODE_RANK\"", "--master-addr=\"$PET_MASTER_ADDR\"",
+                 "--master-port=\"$PET_MASTER_PORT\"", "--no-python pte $PTE_TRAIN_ARGS"):
+        assert flag in launch, f"{flag} missing from {launch}"
+    # node 0 alone seeds the workspace and reproduces the prerequisites, before its torchrun; then torchrun replaces sh
+    assert re.search(r'if \[ "\$PET_NODE_RANK" = 0 \]; then sh /opt/pte-scripts/seed-workspace.sh; '
+                     r'dvc repro \$PTE_DVC_PREREQ; fi; exec torchrun', launch), launch
+    reserved = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+    assert not reserved & {e["name"] for e in trainer["env"]}, "the Trainer rejects reserved torchrun variables"
+    [patch] = spec["runtimePatches"]
+    assert patch["manager"] and [rj["name"] for rj in
+                                 patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]] == ["node"]
+    pod = trainjob_pod(job)["spec"]
+    assert pod["serviceAccountName"] == "pte" and [c["name"] for c in pod["containers"]] == [TRAINER_CONTAINER]
+    node = pod["containers"][0]
+    assert "env" not in trainjob_node_patch(job)["spec"].get("containers", [{}])[0], "node env goes in trainer.env"
+    assert {"name": "scripts", "mountPath": "/opt/pte-scripts", "readOnly": True} in node["volumeMounts"]
+    mounted = {m["name"] for m in node["volumeMounts"]}
+    assert mounted == {v["name"] for v in pod["volumes"]}, "every volume is mounted and every mount has a volume"
+    rwx = [d["spec"]["accessModes"] for d in by_kind(docs, "PersistentVolumeClaim")]
     assert rwx == [["ReadWriteMany"], ["ReadWriteMany"]]
+
+
+def test_trainjob_env_carries_every_config_key(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The TrainJob API has no envFrom: its env must list every key of pte-config (what envFrom gives other pods)."""
+    docs = rendered["train-multi-gpu"]
+    keys = set(one(docs, "ConfigMap", "pte-config")["data"])
+    env = one(docs, "TrainJob")["spec"]["trainer"]["env"]
+    refs = {e["name"]: e["valueFrom"]["configMapKeyRef"] for e in env if "configMapKeyRef" in e.get("valueFrom", {})}
+    assert {r["name"] for r in refs.values()} == {"pte-config"} and all(k == r["key"] for k, r in refs.items())
+    assert set(refs) == keys, f"missing {sorted(keys - set(refs))}, unknown {sorted(set(refs) - keys)}"
+    secrets = [e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})]
+    assert secrets and all(r["name"] == "pte-credentials" and r["optional"] is True for r in secrets)
+    example = (K8S / "secrets" / "credentials.env.example").read_text()
+    assert all(re.search(rf"^{r['key']}=", example, flags=re.M) for r in secrets)
 
 
 # ------------------------------------------------------------------------------------------------------ hardening
@@ -262,13 +319,21 @@ def all_pods(rendered: dict[str, list[dict[str, Any]]]) -> list[tuple[str, dict[
 
 def test_every_pod_is_hardened(rendered: dict[str, list[dict[str, Any]]]) -> None:
     pods = all_pods(rendered)
-    assert len(pods) >= 6  # Job, PyTorchJob Master + Worker, 2 Deployments, Prefect flow-run Job
+    assert len(pods) >= 5  # Job, TrainJob nodes, 2 Deployments, Prefect flow-run Job
+    accounts = {d["metadata"]["name"]: d for docs in rendered.values() for d in by_kind(docs, "ServiceAccount")}
     for label, meta, spec in pods:
         psc = spec["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] == UID, label
         assert psc["seccompProfile"]["type"] == "RuntimeDefault", label
         token_needed = meta["name"] == "prefect-worker"  # it creates flow-run Jobs through the API
-        assert spec.get("automountServiceAccountToken") is token_needed, label
+        # The TrainJob API can set neither automountServiceAccountToken nor imagePullPolicy: its pods rely on their
+        # ServiceAccount, which must disable the token, and on a pinned image (k8s/README.md).
+        custom = label.startswith("TrainJob/")
+        if custom:
+            assert "automountServiceAccountToken" not in spec, label
+            assert accounts[spec["serviceAccountName"]]["automountServiceAccountToken"] is False, label
+        else:
+            assert spec.get("automountServiceAccountToken") is token_needed, label
         assert spec.get("serviceAccountName") in {"pte", "prefect-worker"}, label
         assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), label
         mounts_ok = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v or "persistentVolumeClaim" in v}
@@ -283,7 +348,7 @@ def test_every_pod_is_hardened(rendered: dict[str, list[dict[str, Any]]]) -> Non
                 assert {"cpu", "memory"} <= set(c["resources"][section]), f"{where} {section}"
             image = c["image"]
             assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{where}: {image}"
-            assert c["imagePullPolicy"] == "Always", where
+            assert c.get("imagePullPolicy") == ("Always" if not custom else None), where
             writable = {m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] in mounts_ok}
             assert "/tmp" in writable and "/home/pte" in writable, f"{where}: read-only root needs /tmp and HOME"
 
@@ -292,9 +357,8 @@ def test_gpu_pods_request_gpus_and_memory_backed_shm(rendered: dict[str, list[di
     single = one(rendered["train-single-gpu"], "Job", "pte-train")["spec"]["template"]["spec"]
     train = [c for c in single["containers"] if c["name"] == "train"][0]
     assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
-    multi = one(rendered["train-multi-gpu"], "PyTorchJob")
-    gpu_pods = [("Job/pte-train", single)] + [
-        (role, rs["template"]["spec"]) for role, rs in multi["spec"]["pytorchReplicaSpecs"].items()]
+    multi = one(rendered["train-multi-gpu"], "TrainJob")
+    gpu_pods = [("Job/pte-train", single), ("TrainJob/pte-train-multi", trainjob_pod(multi)["spec"])]
     for label, spec in gpu_pods:
         shm = [v for v in spec["volumes"] if v["name"] == "dshm"]
         assert len(shm) == 1 and shm[0]["emptyDir"]["medium"] == "Memory", label
@@ -334,6 +398,13 @@ def test_config_maps_referenced_by_pods_exist(rendered: dict[str, list[dict[str,
                         assert ref["configMapRef"]["name"] in names, f"{overlay} {label}"
                     if "secretRef" in ref:
                         assert ref["secretRef"] == {"name": "pte-credentials", "optional": True}, label
+                for env in c.get("env", []):
+                    source = env.get("valueFrom", {})
+                    if "configMapKeyRef" in source:
+                        assert source["configMapKeyRef"]["name"] in names, f"{overlay} {label} {env['name']}"
+                    if "secretKeyRef" in source:
+                        ref = source["secretKeyRef"]
+                        assert ref["name"] == "pte-credentials" and ref["optional"] is True, f"{label} {env['name']}"
 
 
 def test_long_running_deployments_have_probes(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -1,7 +1,9 @@
-"""params.yaml, the presets and dvc.yaml agree: every params key a stage lists exists in every preset."""
+"""params.yaml, the presets and dvc.yaml agree: every params key a stage lists exists in every preset, and every
+stage's code deps are exactly the package modules its `pte` command runs (computed from the import graph)."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,115 @@ def test_every_stage_code_dependency_exists():
         for dep in stage.get("do", stage).get("deps", []):
             if dep.startswith("pte/"):
                 assert (ROOT / dep).is_file(), f"stage {name}: {dep} does not exist"
+
+
+# -- code dependencies: every module a stage runs is a dep ----------------------------------------------------------
+
+PACKAGE = ROOT / "pte"
+DISPATCH = {"pte.cli": ("main",), "pte.stages": ("_cmd",)}  # `pte <command>` -> cli.main -> stages._cmd -> stage_*
+_LOADERS = {"find_spec", "import_module"}  # importlib calls whose literal "pte.x" argument runs that module
+
+
+def _module_file(name: str) -> Path | None:
+    """``pte.a.b`` -> ``pte/a/b.py`` or ``pte/a/b/__init__.py`` (None when it is not a module of the package)."""
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(node: ast.AST, module: str, is_package: bool) -> set[str]:
+    """``pte.*`` modules that the statements under ``node`` import (anywhere in it, lazy imports included)."""
+    found: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Import):
+            found |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:  # relative: resolve against this module's package
+                parent = module.split(".")[: len(module.split(".")) - n.level + (1 if is_package else 0)]
+                base = ".".join(parent + ([n.module] if n.module else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in n.names}  # `from pte import data`: a submodule, if it is one
+        elif (isinstance(n, ast.Call) and n.args and isinstance(n.args[0], ast.Constant)
+              and isinstance(n.args[0].value, str)
+              and getattr(n.func, "attr", getattr(n.func, "id", None)) in _LOADERS):
+            found.add(n.args[0].value)
+    return {m for m in found if m == "pte" or m.startswith("pte.")}
+
+
+def _with_parents(names: set[str]) -> set[str]:
+    """Importing ``pte.a.b`` runs ``pte/__init__.py`` and ``pte/a/__init__.py`` too."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out |= {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return {n for n in out if _module_file(n) is not None}
+
+
+def _tree(name: str) -> ast.Module:
+    return ast.parse(_module_file(name).read_text())
+
+
+def _functions(tree: ast.Module, names: tuple[str, ...]) -> list[ast.AST]:
+    return [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+
+
+def stage_modules(command: str) -> set[Path]:
+    """The package files that ``pte <command>`` runs: the dispatch path (module-level imports of ``pte.cli`` and
+    ``pte.stages``, ``main``, ``_cmd`` and the stage's ``stage_<command>`` function), then everything those modules
+    import, transitively, including imports inside functions (which of them run is not known statically)."""
+    stage_fn = "stage_" + command.replace("-", "_")
+    assert _functions(_tree("pte.stages"), (stage_fn,)), f"pte/stages.py has no {stage_fn} for `pte {command}`"
+    todo: set[str] = set(DISPATCH)
+    for module, fns in DISPATCH.items():
+        tree = _tree(module)
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for node in top + _functions(tree, fns + ((stage_fn,) if module == "pte.stages" else ())):
+            todo |= _imported(node, module, False)
+    seen: set[str] = set(DISPATCH)
+    todo = _with_parents(todo) - seen
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        path = _module_file(name)
+        todo |= _with_parents(_imported(ast.parse(path.read_text()), name, path.name == "__init__.py")) - seen
+    return {_module_file(n).relative_to(ROOT) for n in _with_parents(seen)}
+
+
+def _stage_commands() -> dict[str, tuple[str, list[str]]]:
+    """dvc.yaml stage -> (its `pte` command, its deps)."""
+    out = {}
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        body = stage.get("do", stage)
+        words = body["cmd"].split()
+        assert words[0] == "pte", f"stage {name}: expected a `pte <command>` cmd, got {body['cmd']!r}"
+        out[name] = (words[1], list(body.get("deps", [])))
+    return out
+
+
+def test_import_graph_follows_lazy_and_relative_imports():
+    mods = {p.as_posix() for p in stage_modules("register")}
+    # registry imports tracking and data at module level, inference inside a method, and finds registry_model by name
+    assert {"pte/__init__.py", "pte/cli.py", "pte/stages.py", "pte/registry.py", "pte/tracking.py", "pte/data.py",
+            "pte/inference.py", "pte/registry_model.py", "pte/config.py"} <= mods
+    assert "pte/train.py" not in mods and "pte/evaluate.py" not in mods  # other stages' functions are not followed
+    assert "pte/grpo.py" in {p.as_posix() for p in stage_modules("train")}
+
+
+@pytest.mark.parametrize("stage", sorted(_stage_commands()))
+def test_stage_deps_list_exactly_the_modules_it_runs(stage):
+    """A stage whose code deps miss a module it runs would not rerun when that module changes (stale results);
+    one listing a module it does not run reruns for nothing."""
+    command, deps = _stage_commands()[stage]
+    needed = {p.as_posix() for p in stage_modules(command)}
+    listed = {d for d in deps if d.startswith("pte/") and d.endswith(".py")}
+    fix = "set its pte/ deps in dvc.yaml to:\n" + "\n".join(f"        - {m}" for m in sorted(needed))
+    assert not needed - listed, f"stage {stage} runs {sorted(needed - listed)} but does not depend on them; {fix}"
+    assert not listed - needed, f"stage {stage} lists {sorted(listed - needed)} that `pte {command}` never runs; {fix}"

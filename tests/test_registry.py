@@ -1,4 +1,5 @@
-"""Registry: metric selection, champion / challenger promotion, and the pyfunc predictor under the bounded cache.
+"""Registry: metric selection, champion / challenger promotion, and the pyfunc predictor under the bounded cache,
+logged from code (no pickle) and phrasing bare problems as training does.
 
 Offline: a tiny random Llama saved as an HF directory, a fresh PTE adapter, a temporary sqlite tracking store.
 """
@@ -20,6 +21,7 @@ from pte.config import (
     SamplingConfig,
     TrackingConfig,
 )
+from pte.data import DataConfig, format_prompt
 from pte.registry import CHALLENGER, CHAMPION, load_champion, register, select_metric
 
 CACHE = CacheConfig(window=8, evict_ratio=0.25)
@@ -120,13 +122,65 @@ def test_champion_challenger_and_bounded_predictor(policy, tracking, monkeypatch
     out = model.predict(pd.DataFrame({"prompt": ["2+2="]}))
     assert list(out.columns) == ["text", "num_evictions", "max_cache_tokens", "finished"] and len(out) == 1
     gen = Generator.load(str(base), str(adapter))
-    prompt_block = encode_prompts(gen.tokenizer, ["2+2="])[0].shape[1]
+    trained = [format_prompt("2+2=", DataConfig())]  # no data section given: the default template, as in training
+    prompt_block = encode_prompts(gen.tokenizer, trained)[0].shape[1]
     assert isinstance(out.text[0], str) and out.num_evictions[0] >= 1
     assert out.max_cache_tokens[0] <= prompt_block + CACHE.window
-    assert out.text[0] == gen(["2+2="], CACHE, SAMPLING)[0]["text"]  # same policy, cache and decoding as registered
+    assert out.text[0] == gen(trained, CACHE, SAMPLING)[0]["text"]  # same policy, prompt, cache and decoding
     # other input forms; the convenience loader
     assert len(model.predict(["a", "bb"])) == 2 and len(model.predict({"prompt": "a"})) == 1
     assert load_champion("pte-tiny", tracking.tracking_uri).predict(["2+2="]).text[0] == out.text[0]
+
+
+def _artifact_files(tracking: TrackingConfig, model_uri: str, dst: Path) -> dict[str, Path]:
+    import mlflow
+
+    from pte.registry import _scoped_uri
+
+    with _scoped_uri(tracking.tracking_uri):
+        root = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
+    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+
+
+def test_model_from_code_carries_its_training_prompt(policy, tracking, tmp_path):
+    """No pickle in the logged model; a bare problem is phrased exactly as the train stage phrases it; raw skips it."""
+    import yaml
+
+    from pte.inference import Generator, encode_prompts
+
+    base, adapter = policy
+    data = DataConfig(prompt_template="Q: {problem}\nThink, then answer in \\boxed{}.", system_prompt="Be terse.")
+    info = register(adapter, base, _metrics(0.5), cfg=RegistryConfig(model_name="pte-prompt"), tracking=tracking,
+                    cache=CACHE, sampling=SAMPLING, data=data)
+
+    files = _artifact_files(tracking, info["model_uri"], tmp_path / "model")
+    pickled = [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle")) or "pickle" in f]
+    assert not pickled, pickled
+    mlmodel = yaml.safe_load(files["MLmodel"].read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("registry_model.py")
+    assert "registry_model.py" in {Path(f).name for f in files}
+
+    model = load_champion("pte-prompt", tracking.tracking_uri)
+    predictor = model.unwrap_python_model()
+    assert model.model_config["prompt_template"] == data.template
+    assert model.model_config["system_prompt"] == "Be terse."
+    problem = "Run the program and give the final value of c.\na=2+3\nb=a-1\nc=b+a"
+    # the train stage: format_prompt(row.problem, params.data), chat-templated with system=params.data.system_prompt
+    gen = Generator.load(str(base), str(adapter))
+    train_ids = encode_prompts(gen.tokenizer, [format_prompt(problem, data)], system=data.system_prompt)[0]
+    texts, system = predictor.build_prompts([problem])
+    served_ids = encode_prompts(gen.tokenizer, texts, system=system)[0]
+    assert served_ids.tolist() == train_ids.tolist()
+    decoded = gen.tokenizer.decode(served_ids[0])
+    assert "Be terse." in decoded and "Q: Run the program" in decoded and "\\boxed{}" in decoded
+    out = model.predict([problem])
+    assert out.text[0] == gen([format_prompt(problem, data)], CACHE, SAMPLING, system=data.system_prompt)[0]["text"]
+    # raw: the input verbatim (no template, no system message, no chat template)
+    assert predictor.build_prompts([problem], raw=True) == ([problem], None)
+    raw = model.predict([problem], params={"raw": True})
+    assert raw.text[0] == gen([problem], CACHE, SAMPLING, raw=True)[0]["text"]
+    assert raw.max_cache_tokens[0] < out.max_cache_tokens[0]  # a shorter prompt block: nothing was added
 
 
 def test_base_model_by_reference_into_the_training_run(policy, tracking, tmp_path, monkeypatch):

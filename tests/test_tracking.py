@@ -188,3 +188,90 @@ def test_disabled_and_no_local_file(tmp_path):
     assert isinstance(make_tracker(TrackingConfig(enabled=False), "t", tmp_path), JsonlTracker)
     assert isinstance(make_tracker(TrackingConfig(enabled=False), "t", None), NullTracker)
     assert isinstance(make_tracker(TrackingConfig(tracking_uri=DEAD), "t", None), NullTracker)
+
+
+# -- offline runs replayed into MLflow (pte tracking sync) ----------------------------------------------------------
+
+
+def _offline_run(out: Path, steps: int = 3) -> Path:
+    """What a training run writes while the tracking server is down: metrics.jsonl only, params and tags included."""
+    tracker = make_tracker(TrackingConfig(tracking_uri=DEAD), "train-pte", out)
+    assert isinstance(tracker, JsonlTracker)
+    tracker.log_params({"method": "pte", "cache": {"window": 8, "budget": None}, "evaluate": {"pass@k": [1, 4]}})
+    tracker.set_tags({"note": "offline"})
+    for step in range(steps):
+        tracker.log_metrics({"reward": 0.5 * step, "pass@4": 0.25, "kl": math.nan}, step)
+    tracker.log_metrics({"reward": 9.0, "pass@4": 0.25, "kl": 0.0}, steps - 1)  # a resume rewrote the last step
+    tracker.close()
+    return out
+
+
+def _synced_runs(cfg: TrackingConfig) -> list:
+    from pte.tracking import SYNC_TAG
+
+    exp = _client(cfg).get_experiment_by_name(cfg.experiment)
+    return [r for r in _client(cfg).search_runs([exp.experiment_id]) if SYNC_TAG in r.data.tags]
+
+
+def test_jsonl_file_describes_the_run(tmp_path):
+    from pte.tracking import read_run
+
+    out = _offline_run(tmp_path)
+    params, tags, rows = read_run(out / "metrics.jsonl")
+    assert params["method"] == "pte" and params["cache"] == {"window": 8, "budget": None}
+    assert tags == {"note": "offline"}
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["reward"] == 9.0
+    assert read_metrics(out / "metrics.jsonl") == rows  # the params and tags lines are not steps
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:7: expected a JSON object"):
+        read_run(out / "metrics.jsonl")
+
+
+def test_sync_replays_an_offline_run_once(store, tmp_path):
+    from pte.tracking import SYNC_TAG, sync_run
+
+    out = _offline_run(tmp_path / "models" / "pte")
+    first = sync_run(out, store)
+    assert first["synced"] and first["steps"] == 3
+    run = _client(store).get_run(first["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "train-pte"
+    assert run.data.tags[SYNC_TAG] == first["sync_id"] and run.data.tags["method"] == "pte"
+    assert run.data.tags["note"] == "offline"
+    assert run.data.params["cache.window"] == "8" and run.data.params["evaluate.pass_k"] == "[1, 4]"
+    hist = _client(store).get_metric_history(first["run_id"], "reward")
+    assert sorted((m.step, m.value) for m in hist) == [(0, 0.0), (1, 0.5), (2, 9.0)]
+    assert "pass_4" in run.data.metrics and "kl" in run.data.metrics  # kl: NaN steps dropped, the finite one kept
+
+    again = sync_run(out / "metrics.jsonl", store)  # the file itself, or its directory: the same run
+    assert not again["synced"] and again["run_id"] == first["run_id"]
+    assert len(_synced_runs(store)) == 1
+
+    # an interrupted sync (run left RUNNING) is replaced; a grown file is another run
+    _client(store).update_run(first["run_id"], "RUNNING")
+    redo = sync_run(out, store)
+    assert redo["synced"] and redo["run_id"] != first["run_id"] and len(_synced_runs(store)) == 1
+    JsonlTracker(out / "metrics.jsonl").log_metrics({"reward": 1.5}, 3)
+    grown = sync_run(out, store)
+    assert grown["synced"] and grown["steps"] == 4 and len(_synced_runs(store)) == 2
+
+
+def test_sync_command(store, tmp_path, monkeypatch, capsys):
+    from pte.cli import main
+
+    out = _offline_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the tracking defaults plus the overrides
+    args = ["tracking", "sync", str(out), "--tracking-uri", store.tracking_uri, "--experiment", "offline"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["synced"] and first["experiment"] == "offline"
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert not second["synced"] and second["run_id"] == first["run_id"]
+
+    t0 = time.monotonic()
+    assert main(["tracking", "sync", str(out), "--tracking-uri", DEAD]) == 2
+    err = capsys.readouterr().err
+    assert DEAD in err and "nothing was synced" in err and time.monotonic() - t0 < 10
+    assert main(["tracking", "sync", str(tmp_path / "nowhere"), "--tracking-uri", store.tracking_uri]) == 2
+    assert "no metrics file" in capsys.readouterr().err
