@@ -330,7 +330,7 @@ class Trainer:
         t0 = time.perf_counter()
         if cfg.objective == "sft":
             metrics = self._sft_update(rows)
-            metrics.update({"timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0, "reward": 0.0,
+            metrics.update({"timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0,
                             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device))})
             return metrics
         self._recall = None
@@ -413,7 +413,9 @@ class Trainer:
             self.tracker.log_metrics(last, self.step)
             self.step += 1
             bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last.get('kl', 0.0):.4f}",
+            shown = {"sft": ("loss", "recall/token_accuracy"), "distill": ("reward", "distill/divergence")}.get(
+                cfg.objective, ("reward", "kl"))
+            bar.set_postfix({k.rsplit("/", 1)[-1]: f"{last[k]:.4f}" for k in shown if k in last},
                             s=f"{last['timing/rollout_s'] + last['timing/update_s']:.1f}")
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self._checkpoint()

@@ -104,3 +104,22 @@ def test_var_chain_source_and_settings_errors():
         evaluate_program("a=1+2")
     with pytest.raises(ValueError, match="uses 'z' before assigning it"):
         evaluate_program("Run the program and give the final value of b.\na=1+2\nb=z+1")
+
+
+def test_recall_metric_finds_the_recalled_value_and_scores_completions():
+    from pte.tasks import recall_score, recall_spans, recalls
+
+    problem, answer = var_chain(VarChainConfig(), 0, 3)
+    solution = worked_solution("var_chain", problem)
+    (r,) = recalls(problem)  # one recalling statement by default
+    program = problem.split("\n")[1:]
+    assert program[-1] == f"{r.name}={''.join(r.body)}" and r.variable in r.body
+    (lo, hi), = recall_spans(problem, solution)
+    assert solution[lo:hi] == str(r.value)
+    assert recall_score(problem, solution) == (1, 1)
+    wrong = solution[:lo] + str((r.value + 1) % 10) + solution[hi:]
+    assert recall_score(problem, wrong) == (0, 1)
+    assert recall_score(problem, "no worked lines") == (0, 1)
+    assert recalls("What is 2 + 2?") == [] and recall_score("What is 2 + 2?", "4") == (0, 0)
+    many = var_chain(VarChainConfig(steps=10, recall=3, min_gap=3), 5, 0)[0]
+    assert len(recalls(many)) >= 3
