@@ -47,6 +47,9 @@ class MechanismConfig:
     """Fixed filler tokens between X and SEP."""
     window: int = 4
     """Thinking-window slots W of the bounded cache (one token evicted per event)."""
+    pairs: int = 1
+    """1: the plain task above. p > 1: associative recall, ``[K_1 V_1 .. K_p V_p, fillers, SEP, K_q, V_q]``: p
+    key/value pairs (fixed keys, random values) are evicted, a random key is asked, its value must be recalled."""
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
@@ -78,15 +81,22 @@ class MechanismResult:
     seconds: float
 
 
-_BOS, _SYMBOL0, _FILLER0, _SEP = 1, 65, 97, 58  # byte ids: '"', 'A'.., 'a'.., ':' in the byte tokenizer's order
+_BOS, _SYMBOL0, _FILLER0, _SEP, _KEY0 = 1, 65, 97, 58, 48  # byte ids: '"', 'A'.., 'a'.., ':', '0'.. (tokenizer order)
 
 
 def recall_batch(cfg: MechanismConfig, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(prompt_ids [rows, 1], tokens [rows, fillers + 3])``: ``[BOS] | [X, f_1..f_n, SEP, X]`` with X random."""
-    x = torch.randint(0, cfg.num_symbols, (rows, 1), generator=generator) + _SYMBOL0
+    """``(prompt_ids [rows, 1], tokens [rows, T])``: ``[BOS] | [X, f_1..f_n, SEP, X]`` with X random (T = n + 3), or
+    with ``pairs = p > 1`` ``[BOS] | [K_1 V_1 .. K_p V_p, f_1..f_n, SEP, K_q, V_q]`` (T = 2p + n + 3)."""
     fill = (torch.arange(cfg.fillers) % 26 + _FILLER0).expand(rows, -1)
     sep = torch.full((rows, 1), _SEP)
-    return torch.full((rows, 1), _BOS), torch.cat([x, fill, sep, x], dim=1)
+    if cfg.pairs == 1:
+        x = torch.randint(0, cfg.num_symbols, (rows, 1), generator=generator) + _SYMBOL0
+        return torch.full((rows, 1), _BOS), torch.cat([x, fill, sep, x], dim=1)
+    values = torch.randint(0, cfg.num_symbols, (rows, cfg.pairs), generator=generator) + _SYMBOL0
+    keys = (torch.arange(cfg.pairs) + _KEY0).expand(rows, -1)
+    q = torch.randint(0, cfg.pairs, (rows, 1), generator=generator)
+    stored = torch.stack([keys, values], dim=-1).reshape(rows, -1)
+    return torch.full((rows, 1), _BOS), torch.cat([stored, fill, sep, keys.gather(1, q), values.gather(1, q)], 1)
 
 
 def _plan(cfg: MechanismConfig, method: str) -> CachePlan:
