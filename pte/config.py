@@ -182,7 +182,9 @@ class PTEConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Decoding settings for rollouts, evaluation and ``pte generate``."""
+    """Decoding settings of one generation call; not a ``params.yaml`` section: rollouts decode with
+    ``grpo.sampling()``, the evaluation and the registered predictor with ``evaluate.sampling()``, and ``pte generate``
+    with its command-line flags (docs/pipeline.md, "Configuration")."""
 
     max_new_tokens: int = 256
     """Generated tokens per sequence at most."""
@@ -558,7 +560,6 @@ class Params:
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     pte: PTEConfig = field(default_factory=PTEConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=lambda: _data_config_cls()())

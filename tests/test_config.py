@@ -29,7 +29,8 @@ def test_defaults_and_roundtrip(tmp_path):
         ({"cache": {"windw": 3}}, "unknown key `cache.windw`"),
         ({"caches": {}}, "unknown section `caches`"),
         ({"cache": {"window": 8, "budget": 64}}, "set one of them"),
-        ({"sampling": {"top_p": 0}}, "`sampling.top_p` = 0"),
+        ({"evaluate": {"top_p": 0}}, "`evaluate.top_p` = 0"),
+        ({"sampling": {"top_p": 0.9}}, "unknown section `sampling`"),  # removed: nothing read it
     ],
 )
 def test_invalid_values_raise_with_key_and_value(data, needle):
