@@ -77,7 +77,9 @@ class ModelConfig:
     installed package, located without importing it), or ``random:<preset>`` (random weights from a built-in
     architecture, for tests and memory benchmarks)."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights and activations dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    """Weights and activations dtype of the base model (``pte.models.resolve_dtype``; ``auto`` = bfloat16 on CUDA,
+    float32 on CPU) in the base-model stage, the evaluation, the registered predictor and bf16 training. fp32
+    training (``train.precision``) and the warm start (full fine-tuning, bf16 autocast on CUDA) keep fp32 weights."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel of the HF model."""
     revision: str | None = None

@@ -148,7 +148,10 @@ class Trainer:
                              f"processes ({world_size()}).")
         self.runtime = Runtime(cfg)
         seed_everything(params.base.seed)
-        model, self.tok = load_model(params.model.source, dtype="float32", device=self.runtime.device,
+        # fp32 training (train.precision) needs fp32 weights; under bf16 DeepSpeed casts the model to bf16 anyway
+        # (fp32 master copies of the adapters), so loading at model.dtype (auto: bf16 on CUDA) only saves memory
+        dtype = params.model.dtype if self.runtime.precision == "bf16" else "float32"
+        model, self.tok = load_model(params.model.source, dtype=dtype, device=self.runtime.device,
                                      attn_implementation=params.model.attn_implementation,
                                      revision=params.model.revision, seed=params.base.seed)
         self.model = attach_adapter(model, method, params.adapter, params.pte)
