@@ -208,6 +208,33 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+LOSS_TYPES: tuple[str, ...] = ("grpo", "dapo", "dr_grpo")
+"""``grpo.loss_type`` values, with TRL's meaning (see :class:`GRPOConfig`)."""
+
+
+def check_loss_settings(loss_type: str, epsilon: float, epsilon_high: float | None, beta: float,
+                        max_completion_length: int | None, delta: float | None = None) -> None:
+    """The one validation of the GRPO loss settings, shared by :class:`GRPOConfig` (the ``grpo:`` section) and
+    ``pte.grpo.GRPOLossConfig`` (the loss's view of it, built by ``GRPOLossConfig.from_config``).
+
+    Raises:
+        ValueError: naming the ``grpo.<key>``, the value and what is allowed.
+    """
+    if loss_type not in LOSS_TYPES:
+        _fail("grpo.loss_type", loss_type, f"one of {list(LOSS_TYPES)}")
+    _check_range("grpo.epsilon", epsilon, 0.0, 1.0, hi_open=True)
+    _check_range("grpo.epsilon_high", epsilon_high, 0.0)
+    if not math.isfinite(beta):
+        _fail("grpo.beta", beta, "a finite number >= 0 (0 disables the KL term)")
+    _check_range("grpo.beta", beta, 0.0)
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        _fail("grpo.max_completion_length", max_completion_length,
+              "a positive integer with loss_type 'dr_grpo' (its constant normaliser)")
+    upper = epsilon if epsilon_high is None else epsilon_high
+    if delta is not None and delta <= 1.0 + upper:
+        _fail("grpo.delta", delta, f"a number > 1 + epsilon_high = {1.0 + upper:g}, or None")
+
+
 @dataclass(frozen=True)
 class GRPOConfig:
     """Group rollouts, reward and loss (DESIGN 3.7); names follow TRL's ``GRPOConfig``."""
@@ -225,7 +252,7 @@ class GRPOConfig:
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
     """Loss aggregation with TRL's meaning: per-sequence mean (grpo), token mean (dapo), fixed length (dr_grpo)."""
     epsilon: float = 0.2
-    """PPO clip range (lower)."""
+    """PPO clip range (lower), in [0, 1)."""
     epsilon_high: float | None = None
     """Upper clip range (DAPO clip-higher); null = epsilon."""
     beta: float = 0.001
@@ -251,9 +278,7 @@ class GRPOConfig:
         _check_range("grpo.temperature", self.temperature, 0.0, lo_open=True)
         _check_range("grpo.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_range("grpo.top_k", self.top_k, 0)
-        _check_range("grpo.epsilon", self.epsilon, 0.0, 1.0)
-        _check_range("grpo.epsilon_high", self.epsilon_high, 0.0)
-        _check_range("grpo.beta", self.beta, 0.0)
+        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.max_completion_length)
         if self.kl_estimator == "exact" and self.kl_cache != "full":
             raise ValueError("params: `grpo.kl_estimator` = 'exact' needs `grpo.kl_cache` = 'full' (the teacher is the "
                              f"full-cache reference), got {self.kl_cache!r}; set kl_cache: full or kl_estimator: k3.")

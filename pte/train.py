@@ -161,10 +161,7 @@ class Trainer:
             model.activation_checkpointing_enable({"use_reentrant": False})
         self.engine = init_engine(self.model, cfg, self.runtime)
         self.cache_cfg = params.cache if trains_with_bounded_cache(method) else CacheConfig(window=None)
-        self.loss_cfg = GRPOLossConfig(loss_type=params.grpo.loss_type, epsilon=params.grpo.epsilon,
-                                       epsilon_high=params.grpo.epsilon_high, beta=params.grpo.beta,
-                                       max_completion_length=params.grpo.max_completion_length,
-                                       use_bias_correction_kl=params.grpo.use_bias_correction_kl)
+        self.loss_cfg = GRPOLossConfig.from_config(params.grpo)
         local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
         self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
         self.step = self.first_step = 0
