@@ -28,6 +28,7 @@ from torch import nn
 
 from pte.cache import Evicted
 from pte.config import AdapterConfig, PTEConfig, section_from_dict
+from pte.methods import METHODS
 from pte.state import SegmentState, ThoughtEncoder, ThoughtState, flatten_heads, normalize_rows, unrotate_keys
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "trains_with_bounded_cache",
 ]
 
-METHODS = ("base", "lora", "lora_c", "pte", "pte_global_only", "pte_no_global")
 ADAPTER_META = "pte_adapter.json"
 WEIGHTS = "adapter_model.safetensors"
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pte.methods import METHODS
+
 if TYPE_CHECKING:  # the data section's schema lives with the data sources (pte.data), which import this module
     from pte.data import DataConfig
 
@@ -343,6 +345,10 @@ class TrainConfig:
     for long full-cache rollouts (the paper preset's ``lora``)."""
 
     def __post_init__(self) -> None:
+        trainable = [m for m in METHODS if m != "base"]
+        if not self.methods or any(m not in trainable for m in self.methods) or len(set(self.methods)) != len(
+                self.methods):
+            _fail("train.methods", list(self.methods), f"a non-empty list of distinct names from {trainable}")
         _check_range("train.steps", self.steps, 1)
         _check_range("train.prompts_per_step", self.prompts_per_step, 1)
         _check_range("train.rollout_batch", self.rollout_batch, 1)
@@ -393,8 +399,8 @@ class WarmstartConfig:
         _check_range("warmstart.threads", self.threads, 0)
 
 
-EVAL_METHODS = ("base", "lora", "lora_c", "pte", "pte_global_only", "pte_no_global")
-"""= ``pte.adapters.METHODS`` (a test keeps them equal); importing adapters here would pull torch into the config."""
+EVAL_METHODS = METHODS
+"""The same tuple as ``pte.methods.METHODS`` (kept under this name for existing imports)."""
 
 
 @dataclass(frozen=True)
@@ -405,7 +411,7 @@ class EvalConfig:
     """
 
     methods: tuple[str, ...] = ("base", "lora", "lora_c", "pte")
-    """Methods to evaluate (names of ``pte.adapters.METHODS``); ``base`` is the model without an adapter."""
+    """Methods to evaluate (names of ``pte.methods.METHODS``); ``base`` is the model without an adapter."""
     budgets: tuple[int | None, ...] = (None, 192, 128)
     """Total cache slots C = prompt block P + thinking window W (W = C - P per batch); null = full cache."""
     num_samples: int = 4
@@ -437,10 +443,9 @@ class EvalConfig:
     about the paper's 600 of 3096 in Fig. 6)."""
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in EVAL_METHODS]
+        bad = [m for m in self.methods if m not in METHODS]
         if not self.methods or bad or len(set(self.methods)) != len(self.methods):
-            _fail("evaluate.methods", list(self.methods),
-                  f"a non-empty list of distinct names from {list(EVAL_METHODS)}")
+            _fail("evaluate.methods", list(self.methods), f"a non-empty list of distinct names from {list(METHODS)}")
         if not self.budgets or len(set(self.budgets)) != len(self.budgets):
             _fail("evaluate.budgets", list(self.budgets), "a non-empty list of distinct integers >= 2 or null (full)")
         for b in self.budgets:

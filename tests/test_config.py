@@ -31,6 +31,8 @@ def test_defaults_and_roundtrip(tmp_path):
         ({"cache": {"window": 8, "budget": 64}}, "set one of them"),
         ({"evaluate": {"top_p": 0}}, "`evaluate.top_p` = 0"),
         ({"sampling": {"top_p": 0.9}}, "unknown section `sampling`"),  # removed: nothing read it
+        ({"train": {"methods": ["lora", "base"]}}, "`train.methods` = ['lora', 'base']"),
+        ({"evaluate": {"methods": ["pte", "qlora"]}}, "`evaluate.methods` = ['pte', 'qlora']"),
     ],
 )
 def test_invalid_values_raise_with_key_and_value(data, needle):
