@@ -88,22 +88,34 @@ class ModelConfig:
     """Pinned revision for hub models (ignored for local sources)."""
 
 
+class _DefaultAuto(str):
+    """The default ``"auto"`` of ``CacheConfig.window``: equal to ``"auto"`` but told apart by identity from an
+    ``"auto"`` given explicitly, so that ``CacheConfig(budget=140)`` means the budget alone."""
+
+
+_AUTO_WINDOW = _DefaultAuto("auto")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The bounded KV cache (DESIGN 3.1): a prompt block plus a thinking window with chunked eviction.
 
-    Set at most one of ``window`` and ``budget``; with neither, the cache is full (no eviction).
+    Set at most one of ``window`` and ``budget``; with neither, the cache is full (no eviction). ``window`` left at its
+    default is ``auto`` without a budget and unset (None) with one: ``CacheConfig(budget=140)`` and ``cache: {budget:
+    140}`` need no ``window: null``; a window given explicitly together with a budget is an error.
     """
 
-    window: int | Literal["auto"] | None = "auto"
-    """Thinking-window slots W. ``auto`` = the padded prompt length of the micro-batch (the paper's
-    training setting); ``null`` = full cache (unless ``budget`` is set)."""
+    window: int | Literal["auto"] | None = _AUTO_WINDOW
+    """Thinking-window slots W. ``auto`` (the default without ``budget``) = the padded prompt length of the
+    micro-batch (the paper's training setting); ``null`` = full cache (unless ``budget`` is set)."""
     budget: int | None = None
     """Total slots P + W (the paper's evaluation "cache size"); W = budget - P per batch."""
     evict_ratio: float = 0.25
     """Fraction of the window evicted at once when it overflows: ceil(evict_ratio * W) tokens."""
 
     def __post_init__(self) -> None:
+        if self.window is _AUTO_WINDOW:  # not given: auto, or unset when the budget decides the window
+            object.__setattr__(self, "window", None if self.budget is not None else "auto")
         if isinstance(self.window, int) and self.window < 1:
             _fail("cache.window", self.window, "an integer >= 1, 'auto', or null for a full cache")
         if self.budget is not None and self.budget < 2:
