@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pte.config import section_from_dict
+from pte.schema import section_from_dict
 from pte.sources import HUB_SOURCES, ROW_FIELDS, Row, SourceSpec, check_spec, load_source
 
 __all__ = ["DataConfig", "HUB_SOURCES", "PROMPT_TEMPLATES", "Row", "SourceSpec", "build_splits", "chat_messages",
@@ -119,7 +119,7 @@ def data_config_from_dict(data: dict[str, Any] | None, section: str = "data") ->
     """Validate the ``data:`` mapping of ``params.yaml`` and build :class:`DataConfig`.
 
     ``train``/``eval`` are lists whose entries are a source name or a mapping ``{name, size, seed, split, revision,
-    local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.config.section_from_dict`.
+    local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.schema.section_from_dict`.
 
     Raises:
         ValueError: unknown key or invalid value; the message names it (``data.train[1].size``) and what is allowed.
