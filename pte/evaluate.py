@@ -42,7 +42,7 @@ import torch
 
 from pte.config import EvalConfig
 from pte.data import DataConfig, Row, format_prompt
-from pte.inference import Generator, encode_prompts, eos_ids
+from pte.inference import Generator, completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.rewards import extract_answer, score
 from pte.rollout import generate
 from pte.tasks import recall_score
@@ -226,10 +226,9 @@ def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], b
     out = generate(generator.model, ids, mask, cfg.cache(budget), cfg.sampling(), eos, tok.pad_token_id, generator=rng)
     own = mask.sum(-1).tolist()
     records = []
-    for b in range(ids.shape[0]):
+    for b, token_ids in enumerate(completion_ids(out)):
         row = rows[b // n]
-        token_ids = out.tokens[b][out.mask[b].bool()].tolist()
-        text = tok.decode(token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids, skip_special_tokens=True)
+        text = decode_completion(tok, token_ids, eos)
         records.append({
             "id": row.id, "source": row.source, "method": generator.method, "budget": budget, "sample": b % n,
             "completion": text, "answer": row.answer,

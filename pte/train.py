@@ -13,6 +13,7 @@ is left as it was. Checkpoints are atomic and a restarted run resumes from the l
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -35,7 +36,7 @@ from pte.cache import CachePlan, plan_cache
 from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pte.config import CacheConfig, Params
 from pte.grpo import GRPOLossConfig, GRPOStats, group_advantages, per_token_objective, token_weights
-from pte.inference import encode_prompts, eos_ids
+from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.models import load_model
 from pte.objectives import FullCacheTeacher, completion_tokens, jsd_loss, recall_positions, token_kl
 from pte.replay import replay_logprobs
@@ -68,11 +69,9 @@ def char_match_reward(completions: list[str], answers: list[str]) -> list[float]
 def reward_function(params: Params) -> RewardFn:
     if params.grpo.reward == "char_match":
         return char_match_reward
-    from pte.rewards import score
+    from pte.rewards import reward_fn
 
-    allow = params.grpo.allow_last_number
-    return lambda completions, answers: [score(c, a, allow_last_number=allow)
-                                         for c, a in zip(completions, answers, strict=True)]
+    return functools.partial(reward_fn, allow_last_number=params.grpo.allow_last_number)
 
 
 def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -183,8 +182,7 @@ class Trainer:
             out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
                            self.tok.pad_token_id, generator=gen, sync_ranks=True)
             chunks.append(out)
-            texts += [self.tok.decode(out.tokens[b][out.mask[b].bool()], skip_special_tokens=True)
-                      for b in range(out.tokens.shape[0])]
+            texts += [decode_completion(self.tok, ids, eos) for ids in completion_ids(out)]
         answers = [self.answers[i] for i in rows for _ in range(g)]
         rewards = torch.tensor(self.reward_fn(texts, answers), dtype=torch.float32)
         if self.problems is not None:
