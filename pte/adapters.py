@@ -1,4 +1,6 @@
-"""Adapters: the state-conditioned PTE adapter and the plain peft LoRA baselines (DESIGN 3.4, 3.8).
+"""Adapters: the state-conditioned PTE adapter and the plain peft LoRA baselines.
+
+docs/method.md, "Thought state and adapter".
 
 PTE adds to every target linear ``y = W x + (alpha/r) * A (S^l (B x))`` where ``B in R^{r x d_in}``
 (Kaiming, the paper's input-side factor, here ``pte_down``), ``A in R^{d_out x G}`` (zeros, the paper's

@@ -42,7 +42,8 @@ _AUTO_WINDOW = _DefaultAuto("auto")
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The bounded KV cache (DESIGN 3.1): a prompt block plus a thinking window with chunked eviction.
+    """The bounded KV cache: a prompt block plus a thinking window with chunked eviction (docs/method.md, "Bounded
+    cache").
 
     Set at most one of ``window`` and ``budget``; with neither, the cache is full (no eviction). ``window`` left at its
     default is ``auto`` without a budget and unset (None) with one: ``CacheConfig(budget=140)`` and ``cache: {budget:
@@ -95,7 +96,8 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Adapter shape shared by LoRA baselines and PTE, so the comparison is fair (DESIGN 3.4)."""
+    """Adapter shape shared by LoRA baselines and PTE, so the comparison is fair (docs/method.md, "Thought state and
+    adapter")."""
 
     rank: int = 32
     """r: LoRA rank, and the latent rank of the PTE state."""
@@ -120,7 +122,7 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class PTEConfig:
-    """Thought-state encoder settings (DESIGN 3.3)."""
+    """Thought-state encoder settings (docs/method.md, "Thought state and adapter")."""
 
     global_tokens: int = 32
     """G: number of learnable global tokens (rows of the state S)."""

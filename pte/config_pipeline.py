@@ -20,7 +20,7 @@ __all__ = ["EvalConfig", "RegistryConfig", "TrackingConfig"]
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation of every method under every cache budget (DESIGN 3.8; paper §3 protocol, §6 q11).
+    """Evaluation of every method under every cache budget (docs/evaluation.md; paper §3 protocol).
 
     The seed is ``base.seed``; each generation batch draws from a generator derived from (seed, budget, batch).
     """
@@ -100,7 +100,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow experiment tracking (DESIGN 1, 4): where runs go. Metrics also always go to a local JSON-lines file."""
+    """MLflow experiment tracking: where runs go (docs/pipeline.md, "Training without the tracking server"). Metrics
+    also always go to a local JSON-lines file."""
 
     tracking_uri: str | None = None
     """MLflow tracking URI (``http://host:5000``, ``sqlite:////abs/mlflow.db``); null = the ``MLFLOW_TRACKING_URI``
@@ -158,8 +159,9 @@ def _model_slug(source: str) -> str:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """MLflow Model Registry (DESIGN 4): the name a trained policy is registered under and when it becomes
-    ``champion`` (only when it beats the current champion on ``metric`` at ``budget``; else ``challenger``)."""
+    """MLflow Model Registry (docs/pipeline.md, "The registered model"): the name a trained policy is registered
+    under and when it becomes ``champion`` (only when it beats the current champion on ``metric`` at ``budget``;
+    else ``challenger``)."""
 
     model_name: str | None = None
     """Registered model name; null = ``pte-<slug of the base model>``, e.g. ``pte-qwen2.5-3b-instruct``."""

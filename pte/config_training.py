@@ -45,7 +45,7 @@ def check_loss_settings(loss_type: str, epsilon: float, epsilon_high: float | No
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Group rollouts, reward and loss (DESIGN 3.7); names follow TRL's ``GRPOConfig``."""
+    """Group rollouts, reward and loss (docs/method.md, "Loss and training"); names follow TRL's ``GRPOConfig``."""
 
     num_generations: int = 8
     """G: completions sampled per prompt (one group)."""
@@ -99,7 +99,7 @@ class GRPOConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop and its DeepSpeed engine (DESIGN 3.9)."""
+    """The training loop and its DeepSpeed engine (docs/method.md, "Loss and training")."""
 
     methods: tuple[str, ...] = ("lora", "lora_c", "pte")
     """Methods the pipeline trains (one ``train@<method>`` DVC stage each); ``pte train --method`` picks one."""
@@ -174,9 +174,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class WarmstartConfig:
-    """The ``warmstart`` stage (DESIGN 5): supervised fine-tuning of the base on worked solutions of
-    ``data.warmstart`` before GRPO, so that a small base already reasons in the task's format. Full fine-tuning
-    with TRL's ``SFTTrainer``, loss on the completion only."""
+    """The ``warmstart`` stage: supervised fine-tuning of the base on worked solutions of ``data.warmstart`` before
+    GRPO, so that a small base already reasons in the task's format. Full fine-tuning with TRL's ``SFTTrainer``, loss
+    on the completion only (docs/method.md, "Data and warm start")."""
 
     enabled: bool = False
     """Run the stage; when false, later stages use the base model as it is."""

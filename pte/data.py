@@ -15,8 +15,8 @@ What it does:
     * :func:`prepare_data`: the ``data`` pipeline stage.
 
 The paper trains on DAPO-Math-17K and evaluates on six benchmarks (reference/paper.md §3); those are hub sources
-here. The offline default uses reasoning-gym generators and CHAMP (DESIGN §5). This module knows nothing about
-tokenizers, models, rewards or training.
+here. The offline default uses reasoning-gym generators and CHAMP (docs/method.md, "Data and warm start"). This
+module knows nothing about tokenizers, models, rewards or training.
 """
 
 from __future__ import annotations

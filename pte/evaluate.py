@@ -4,7 +4,8 @@ What it does:
     * Pure statistics: :func:`pass_at_k` (the unbiased estimator of Chen et al. 2021), :func:`bootstrap_ci`
       (percentile bootstrap over problems) and :func:`summarize` (per-sample records -> metrics).
     * :func:`evaluate_policy`: n samples per problem from one loaded policy under one total cache budget C (prompt
-      block P + thinking window W = C - P, sliding-window eviction of DESIGN 3.1, the same ratio for every method)
+      block P + thinking window W = C - P, the sliding-window eviction of docs/method.md, "Bounded cache", the same
+      ratio for every method)
       or the full cache, each scored by the one oracle :func:`pte.rewards.score`.
     * :func:`evaluate_all`: every method x every budget -> ``metrics.json``, ``samples/*.jsonl``, plots (``pte.plots``).
     * :func:`metrics_table`: methods x budgets as a markdown table (reports, Prefect artifacts).

@@ -1,4 +1,4 @@
-"""The cache-aware GRPO training loop on a DeepSpeed engine (paper Eq. 3; DESIGN 3.5-3.9).
+"""The cache-aware GRPO training loop on a DeepSpeed engine (paper Eq. 3; docs/method.md, "Loss and training").
 
 One step: pick prompts -> sample a group of completions per prompt under the method's cache (bounded
 for ``lora_c`` and PTE, full for ``lora``) -> rewards -> group advantages -> replay every completion

@@ -104,3 +104,30 @@ def test_every_params_key_is_read_somewhere():
               for f in dataclasses.fields(Params.__dataclass_fields__[section.name].default_factory())
               if f.name not in reads]
     assert not unread, f"params keys read nowhere in pte/ or flows/: {unread}; use them or remove them"
+
+
+def test_module_map_names_every_module():
+    """README.md's code map and the package docstring list every module of pte/ (and no module that is gone)."""
+    import re
+
+    import pte
+
+    names = {p.stem for p in PKG.glob("*.py")} - {"__init__"}
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Code map"):]
+    section = section[: section.index("\n## ", 1)]
+    in_readme = set(re.findall(r"`(\w+)\.py`", section))
+    in_doc = set(re.findall(r"``(\w+)``", pte.__doc__[pte.__doc__.index("Module map"):])) & (names | in_readme)
+    missing, gone = sorted(names - in_readme), sorted(in_readme - names)
+    assert not missing and not gone, f"README.md code map: missing {missing}, no longer in pte/: {gone}"
+    assert names <= in_doc, f"pte/__init__.py module map: missing {sorted(names - in_doc)}"
+
+
+def test_docstrings_cite_the_docs_not_a_design_file():
+    """Citations point at docs/*.md of the repository (or the paper), never at a design file outside it."""
+    word = "DES" + "IGN"  # spelled apart so that this file does not match itself
+    files = [p for d in ("pte", "tests", "flows", "bench", "docs", "presets") for p in (ROOT / d).rglob("*")
+             if p.suffix in (".py", ".md", ".yaml")] + [ROOT / "README.md", ROOT / "params.yaml"]
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if word in line]
+    assert not hits, f"{word} citations left: {hits}; point them at the docs/*.md section instead"
