@@ -1,12 +1,13 @@
 """One GRPO training step on a GPU, random-weight Qwen2.5-3B architecture: peak memory and time, ours vs TRL.
 
-The GPU counterpart of ``bench/train_memory.py`` (DESIGN §6: rollout 3072, window 1024, bf16; target peak memory PTE
-/ full-cache LoRA <= 0.55, the paper's 45.3/82.8 GB for 3B). No weights are downloaded: the model is built from a
-hard-coded ``Qwen2Config`` with Qwen2.5-3B's shape and random weights, saved once (bf16 safetensors) to a temporary
-directory with the offline SmolLM2 tokenizer, and every worker - our ``pte``, ``lora_c`` (bounded cache, window W),
-full-cache ``lora`` (``lora_gc``: with activation checkpointing), and TRL's ``GRPOTrainer`` with a peft LoRA of the
-same rank - loads it from there. Each runs one step (rollout of exactly N tokens per completion, EOS ignored,
-replay, backward, update) in a fresh subprocess under ``train_memory``'s RSS guard. Memory is
+The GPU counterpart of ``bench/train_memory.py`` (docs/evaluation.md, "Memory": rollout 3072, window 1024, bf16;
+target peak memory PTE / full-cache LoRA <= 0.55, the paper's 45.3/82.8 GB for 3B). No weights are downloaded: the
+model is built from a hard-coded ``Qwen2Config`` with Qwen2.5-3B's shape and random weights, saved once (bf16
+safetensors) to a temporary directory with the offline SmolLM2 tokenizer, and every worker - our ``pte``, ``lora_c``
+(bounded cache, window W), full-cache ``lora`` (``lora_gc``: with activation checkpointing), and TRL's
+``GRPOTrainer`` with a peft LoRA of the same rank - loads it from there. Each runs one step (rollout of exactly N
+tokens per completion, EOS ignored, replay, backward, update) in a fresh subprocess under ``train_memory``'s RSS
+guard. Memory is
 ``torch.cuda.max_memory_allocated`` over the step (reset just before it, weights included) with the allocator's
 reserved memory beside it; time is wall-clock seconds of the step, CUDA-synchronized, without warm-up (every impl
 pays the same first-use kernel costs). A worker that runs out of GPU memory is recorded with the GPU's total memory
@@ -138,7 +139,7 @@ def _print_summary(summary: list[dict]) -> None:
         parts = [f"{ratio.replace('_over_', '/')} {kind} {text}" for (ratio, _, kind), text in names]
         if not parts:  # a single impl, or its peers failed
             continue
-        target = "  (target pte/lora <= 0.55, DESIGN §6)" if "pte_over_lora_peak" in row else ""
+        target = "  (target pte/lora <= 0.55, docs/evaluation.md)" if "pte_over_lora_peak" in row else ""
         print(f"n={row['new_tokens']}: " + ", ".join(parts) + target, flush=True)
 
 

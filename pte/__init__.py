@@ -10,6 +10,23 @@ Shape letters used in docstrings across the package:
 The public API is re-exported lazily (importing ``pte`` does not import torch):
 ``load_params`` and the config dataclasses, ``load_model``, ``generate`` / ``Generator``, the adapter verbs,
 ``train`` and ``evaluate_all``.
+
+Module map (the method decisions: docs/method.md; the pipeline seams: docs/pipeline.md):
+
+* engine: ``models`` (base model + tokenizer from a source string), ``cache`` (prompt block + thinking window,
+  chunked eviction), ``state`` (evicted K/V -> thought state S), ``adapters`` (PTE adapter, peft LoRA baselines),
+  ``methods`` (method names), ``rollout`` (sampling under the bounded cache), ``replay`` (log-probs under the
+  rollout's eviction schedule), ``inference`` (text in, text out: chat template, batching, decoding);
+* training: ``grpo`` (advantages, PPO-clip, KL, loss aggregation), ``objectives`` (``sft``, ``distill``), ``train``
+  (the cache-aware loop), ``runtime`` (device, precision, seeding, DeepSpeed), ``checkpoint`` (atomic, resumable),
+  ``warmstart`` (supervised warm start of the base);
+* data: ``sources`` (problem sources -> rows), ``tasks`` (``var_chain``, worked solutions), ``data`` (splits, JSONL,
+  prompts, chat messages), ``rewards`` (answer extraction, equivalence oracle);
+* pipeline: ``config`` (``Params``, ``load_params``) with ``config_engine``, ``config_training``,
+  ``config_pipeline`` and ``schema`` (parsing helpers), ``stages`` (DVC stage entry points), ``cli`` (the ``pte``
+  command), ``evaluate`` (every method under every budget), ``plots``, ``tracking`` (MLflow, JSON lines, offline
+  sync), ``registry`` and ``registry_model`` (registered model, predictor), ``mechanism`` and ``study`` (research
+  instruments).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Adapters: the state-conditioned PTE adapter and the plain peft LoRA baselines (DESIGN 3.4, 3.8).
+"""Adapters: the state-conditioned PTE adapter and the plain peft LoRA baselines.
+
+docs/method.md, "Thought state and adapter".
 
 PTE adds to every target linear ``y = W x + (alpha/r) * A (S^l (B x))`` where ``B in R^{r x d_in}``
 (Kaiming, the paper's input-side factor, here ``pte_down``), ``A in R^{d_out x G}`` (zeros, the paper's
@@ -28,6 +30,7 @@ from torch import nn
 
 from pte.cache import Evicted
 from pte.config import AdapterConfig, PTEConfig, section_from_dict
+from pte.methods import METHODS
 from pte.state import SegmentState, ThoughtEncoder, ThoughtState, flatten_heads, normalize_rows, unrotate_keys
 
 __all__ = [
@@ -45,7 +48,6 @@ __all__ = [
     "trains_with_bounded_cache",
 ]
 
-METHODS = ("base", "lora", "lora_c", "pte", "pte_global_only", "pte_no_global")
 ADAPTER_META = "pte_adapter.json"
 WEIGHTS = "adapter_model.safetensors"
 

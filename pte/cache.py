@@ -1,4 +1,4 @@
-"""Bounded KV cache: a fixed prompt block plus a thinking window with chunked eviction (DESIGN 3.1-3.2).
+"""Bounded KV cache: a fixed prompt block plus a thinking window with chunked eviction (docs/method.md).
 
 Every row of a batch has the same slot layout ``[prompt block: P slots][thinking window: <= W slots]``.
 Prompts are left-padded to P; pad slots are masked and never evicted. When appending would push the

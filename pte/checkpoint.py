@@ -1,4 +1,4 @@
-"""Training checkpoints: written atomically, resumed bit-exactly (DESIGN 3.9).
+"""Training checkpoints: written atomically, resumed bit-exactly (docs/method.md, "Loss and training").
 
 A checkpoint directory ``<root>/step-<N>`` holds the DeepSpeed engine state (trainable parameters and
 the optimizer, frozen base weights excluded), the adapter weights as safetensors, and ``meta.json``

@@ -10,12 +10,13 @@ What it does:
     * :func:`write_jsonl` / :func:`read_jsonl`: the one row schema ``{id, source, problem, answer}``, written
       byte-identically on reruns and validated line by line on reading (errors name the file and the line).
     * :func:`format_prompt` / :func:`chat_messages`: the user message (problem + instruction) and the chat
-      messages; applying the tokenizer's chat template is ``inference.encode_prompts``' job.
+      messages (:func:`prompt_messages`, the one message builder); applying the tokenizer's chat template is
+      ``inference.encode_prompts``' job.
     * :func:`prepare_data`: the ``data`` pipeline stage.
 
 The paper trains on DAPO-Math-17K and evaluates on six benchmarks (reference/paper.md §3); those are hub sources
-here. The offline default uses reasoning-gym generators and CHAMP (DESIGN §5). This module knows nothing about
-tokenizers, models, rewards or training.
+here. The offline default uses reasoning-gym generators and CHAMP (docs/method.md, "Data and warm start"). This
+module knows nothing about tokenizers, models, rewards or training.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pte.config import section_from_dict
+from pte.schema import section_from_dict
 from pte.sources import HUB_SOURCES, ROW_FIELDS, Row, SourceSpec, check_spec, load_source
 
 __all__ = ["DataConfig", "HUB_SOURCES", "PROMPT_TEMPLATES", "Row", "SourceSpec", "build_splits", "chat_messages",
-           "data_config_from_dict", "format_prompt", "normalize_problem", "prepare_data", "read_jsonl", "write_jsonl"]
+           "data_config_from_dict", "format_prompt", "normalize_problem", "prepare_data", "prompt_messages",
+           "read_jsonl", "write_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def data_config_from_dict(data: dict[str, Any] | None, section: str = "data") ->
     """Validate the ``data:`` mapping of ``params.yaml`` and build :class:`DataConfig`.
 
     ``train``/``eval`` are lists whose entries are a source name or a mapping ``{name, size, seed, split, revision,
-    local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.config.section_from_dict`.
+    local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.schema.section_from_dict`.
 
     Raises:
         ValueError: unknown key or invalid value; the message names it (``data.train[1].size``) and what is allowed.
@@ -148,10 +150,17 @@ def format_prompt(problem: str, cfg: DataConfig) -> str:
     return cfg.template.replace("{problem}", problem)
 
 
+def prompt_messages(user: str, system: str | None = None) -> list[dict[str, str]]:
+    """The chat messages of one prompt: ``system`` (when given) then the ``user`` message. The one builder of chat
+    messages: the warm start (:func:`chat_messages`), the rollouts, the evaluation and the predictor
+    (``pte.inference.encode_prompts``) all go through it, so they phrase a problem identically."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [*head, {"role": "user", "content": user}]
+
+
 def chat_messages(problem: str, cfg: DataConfig) -> list[dict[str, str]]:
     """Chat messages for ``problem``: an optional system message, then the user message of :func:`format_prompt`."""
-    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return [*messages, {"role": "user", "content": format_prompt(problem, cfg)}]
+    return prompt_messages(format_prompt(problem, cfg), cfg.system_prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ What it does:
     * Pure statistics: :func:`pass_at_k` (the unbiased estimator of Chen et al. 2021), :func:`bootstrap_ci`
       (percentile bootstrap over problems) and :func:`summarize` (per-sample records -> metrics).
     * :func:`evaluate_policy`: n samples per problem from one loaded policy under one total cache budget C (prompt
-      block P + thinking window W = C - P, sliding-window eviction of DESIGN 3.1, the same ratio for every method)
+      block P + thinking window W = C - P, the sliding-window eviction of docs/method.md, "Bounded cache", the same
+      ratio for every method)
       or the full cache, each scored by the one oracle :func:`pte.rewards.score`.
     * :func:`evaluate_all`: every method x every budget -> ``metrics.json``, ``samples/*.jsonl``, plots (``pte.plots``).
     * :func:`metrics_table`: methods x budgets as a markdown table (reports, Prefect artifacts).
@@ -42,7 +43,7 @@ import torch
 
 from pte.config import EvalConfig
 from pte.data import DataConfig, Row, format_prompt
-from pte.inference import Generator, encode_prompts, eos_ids
+from pte.inference import Generator, completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.rewards import extract_answer, score
 from pte.rollout import generate
 from pte.tasks import recall_score
@@ -226,10 +227,9 @@ def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], b
     out = generate(generator.model, ids, mask, cfg.cache(budget), cfg.sampling(), eos, tok.pad_token_id, generator=rng)
     own = mask.sum(-1).tolist()
     records = []
-    for b in range(ids.shape[0]):
+    for b, token_ids in enumerate(completion_ids(out)):
         row = rows[b // n]
-        token_ids = out.tokens[b][out.mask[b].bool()].tolist()
-        text = tok.decode(token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids, skip_special_tokens=True)
+        text = decode_completion(tok, token_ids, eos)
         records.append({
             "id": row.id, "source": row.source, "method": generator.method, "budget": budget, "sample": b % n,
             "completion": text, "answer": row.answer,

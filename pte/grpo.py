@@ -33,9 +33,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pte.config import LOSS_TYPES, GRPOConfig, check_loss_settings
+
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 RewardScale = Literal["group", "batch", "none"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "dapo", "dr_grpo")
 REWARD_SCALES: tuple[str, ...] = ("group", "batch", "none")
 
 
@@ -110,7 +111,9 @@ def group_advantages(
 
 @dataclass(frozen=True)
 class GRPOLossConfig:
-    """Loss settings, with the names and meanings of TRL 1.16's ``GRPOConfig``.
+    """Loss settings, with the names and meanings of TRL 1.16's ``GRPOConfig`` (and its defaults, for the tests
+    against TRL); the trainer builds it from the ``grpo:`` section with :meth:`from_config`, and both are validated
+    by the same ``pte.config.check_loss_settings``.
 
     Attributes:
         loss_type: ``"grpo"`` mean over each sequence's tokens, then over sequences; ``"dapo"`` sum over all tokens
@@ -133,20 +136,15 @@ class GRPOLossConfig:
     use_bias_correction_kl: bool = True
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r} is invalid; use one of {LOSS_TYPES}")
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1); 0.2 is the usual value")
-        if self.epsilon_high is not None and self.epsilon_high < 0.0:
-            raise ValueError(f"epsilon_high={self.epsilon_high} must be >= 0 or None (= epsilon); DAPO uses 0.28")
-        if not (self.beta >= 0.0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta={self.beta} must be a finite number >= 0; use 0.0 to disable the KL term")
-        if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
-            raise ValueError(
-                f"max_completion_length={self.max_completion_length} must be a positive int for loss_type='dr_grpo'"
-            )
-        if self.delta is not None and self.delta <= 1.0 + self.upper_epsilon():
-            raise ValueError(f"delta={self.delta} must be > 1 + epsilon_high ({1.0 + self.upper_epsilon()}) or None")
+        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.max_completion_length,
+                            self.delta)
+
+    @classmethod
+    def from_config(cls, cfg: GRPOConfig) -> GRPOLossConfig:
+        """The loss settings of the ``grpo:`` section (the single source of truth for training)."""
+        return cls(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                   max_completion_length=cfg.max_completion_length,
+                   use_bias_correction_kl=cfg.use_bias_correction_kl)
 
     def upper_epsilon(self) -> float:
         """The effective ε_high: ``epsilon_high`` if set, else ``epsilon``."""

@@ -13,10 +13,11 @@ import torch
 
 from pte.adapters import load_adapter, read_adapter_meta
 from pte.config import CacheConfig, SamplingConfig
+from pte.data import prompt_messages
 from pte.models import load_model
 from pte.rollout import Rollout, generate
 
-__all__ = ["Generator", "encode_prompts", "eos_ids"]
+__all__ = ["Generator", "completion_ids", "decode_completion", "encode_prompts", "eos_ids"]
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -39,9 +40,8 @@ def encode_prompts(tokenizer, prompts: list[str], raw: bool = False, device: str
         ``input_ids`` and ``attention_mask``, both ``[B, P]``.
     """
     if not raw and getattr(tokenizer, "chat_template", None):
-        head = [{"role": "system", "content": system}] if system else []
-        texts = [tokenizer.apply_chat_template(head + [{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        texts = [tokenizer.apply_chat_template(prompt_messages(p, system), tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
         add_special = False  # the template already holds every special token
     else:
         texts, add_special = list(prompts), True
@@ -52,6 +52,19 @@ def encode_prompts(tokenizer, prompts: list[str], raw: bool = False, device: str
     finally:
         tokenizer.padding_side = side
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def completion_ids(out: Rollout) -> list[list[int]]:
+    """The generated token ids of every row of ``out`` (``tokens`` ``[B, T]`` where ``mask`` is set), EOS included."""
+    return [out.tokens[b][out.mask[b].bool()].tolist() for b in range(out.tokens.shape[0])]
+
+
+def decode_completion(tokenizer, token_ids: list[int], eos: list[int] | set[int]) -> str:
+    """The text of one completion: ``token_ids`` without a trailing EOS (any of ``eos``, see :func:`eos_ids`),
+    decoded without special tokens. The one decoder of completions: rewards in training, the evaluation and
+    ``pte generate`` / the predictor all score and show the same text."""
+    ids = token_ids[:-1] if token_ids and token_ids[-1] in eos else token_ids
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @dataclass
@@ -98,10 +111,8 @@ class Generator:
         out = self.rollout(prompts, cache, sampling, seed=seed, raw=raw, progress=progress, system=system)
         eos = set(eos_ids(self.model, self.tokenizer))
         results = []
-        for b in range(len(prompts)):
-            ids = out.tokens[b][out.mask[b].bool()].tolist()
-            text_ids = ids[:-1] if ids and ids[-1] in eos else ids
-            results.append({"text": self.tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": ids,
+        for b, ids in enumerate(completion_ids(out)):
+            results.append({"text": decode_completion(self.tokenizer, ids, eos), "token_ids": ids,
                             "num_evictions": int(out.num_evictions[b]), "max_cache_tokens": out.max_cache_tokens,
                             "finished": bool(out.finished[b])})
         return results

@@ -1,4 +1,4 @@
-"""Teacher-forced log-probs under the rollout's own eviction schedule, segment by segment (DESIGN 3.6).
+"""Teacher-forced log-probs under the rollout's own eviction schedule, segment by segment (docs/method.md).
 
 Segment k holds the generated tokens fed between eviction events k and k+1. It runs as one chunk
 against the cache as it was at the start of the segment (prompt block + kept thinking tokens), causal

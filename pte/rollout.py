@@ -1,4 +1,4 @@
-"""Batched sampling under the bounded cache, updating the thought state at every eviction event (DESIGN 3.5).
+"""Batched sampling under the bounded cache, updating the thought state at every eviction event (docs/method.md).
 
 One decode loop serves training rollouts, evaluation, ``pte generate`` and the MLflow predictor:
 prefill the left-padded prompt block, then one token per step for every row in lockstep. Before a

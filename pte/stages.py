@@ -35,8 +35,9 @@ def stage_base_model(params: Params, out: Path) -> dict[str, Any]:
     """Load ``model.source`` (hub id, GGUF, package file) once and write it as a plain HF directory."""
     from pte.models import load_model, save_hf
 
-    dtype = "float32" if params.model.dtype == "auto" else params.model.dtype
-    model, tok = load_model(params.model.source, dtype=dtype, revision=params.model.revision, seed=params.base.seed)
+    # on the CPU, where this stage runs, model.dtype auto is float32 (pte.models.resolve_dtype)
+    model, tok = load_model(params.model.source, dtype=params.model.dtype, revision=params.model.revision,
+                            seed=params.base.seed)
     save_hf(model, tok, out)
     n = sum(p.numel() for p in model.parameters())
     return {"parameters": n, "model_type": model.config.model_type, "layers": model.config.num_hidden_layers}
@@ -112,9 +113,8 @@ def stage_evaluate(params: Params, base: str | None, models: Path, data: Path, o
     from pte.evaluate import evaluate_all
 
     adapters = {m: None if m == "base" else models / m / "adapter" for m in params.evaluate.methods}
-    dtype = "float32" if params.model.dtype == "auto" else params.model.dtype
     metrics = evaluate_all(base or params.model.source, adapters, read_jsonl(data), params.evaluate, params.data,
-                           out, params.base.seed, dtype=dtype)
+                           out, params.base.seed, dtype=params.model.dtype)
     return metrics["summary"]
 
 
@@ -131,8 +131,8 @@ def stage_register(params: Params, base: str | None, adapter: Path, metrics: Pat
     elif budget == "min" and any(b is not None for b in ev.budgets):
         cache = CacheConfig(window=None, budget=min(b for b in ev.budgets if b is not None), evict_ratio=ev.evict_ratio)
     return register(adapter, base or params.model.source, metrics, params.registry, params.tracking, cache=cache,
-                    sampling=ev.sampling(), base_source=params.model.source, seed=params.base.seed,
-                    data=params.data)
+                    sampling=ev.sampling(), dtype=params.model.dtype, base_source=params.model.source,
+                    seed=params.base.seed, data=params.data)
 
 
 def _cmd(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The thought encoder: evicted keys/values -> a fixed-size per-layer state S (paper Eq. 4, DESIGN 3.3).
+"""The thought encoder: evicted keys/values -> a fixed-size per-layer state S (paper Eq. 4; docs/method.md).
 
 Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
 
@@ -198,7 +198,9 @@ class ThoughtState:
 
 
 class SegmentState:
-    """Replay-side state: S^(k) rebuilt from the current parameters for every segment (DESIGN 3.6).
+    """Replay-side state: S^(k) rebuilt from the current parameters for every segment.
+
+    docs/method.md, "Replay and gradients".
 
     The accumulate form is linear in the evicted K/V: ``sum_e qa Wa_K^T (K_e^T V_e / m) Wa_V / sqrt(r)``. Keeping
     the detached ``sum_e K_e^T V_e / m`` (``[L, B, d_kv, d_kv]``, constant in the sequence length) lets each segment

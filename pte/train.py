@@ -1,4 +1,4 @@
-"""The cache-aware GRPO training loop on a DeepSpeed engine (paper Eq. 3; DESIGN 3.5-3.9).
+"""The cache-aware GRPO training loop on a DeepSpeed engine (paper Eq. 3; docs/method.md, "Loss and training").
 
 One step: pick prompts -> sample a group of completions per prompt under the method's cache (bounded
 for ``lora_c`` and PTE, full for ``lora``) -> rewards -> group advantages -> replay every completion
@@ -13,6 +13,7 @@ is left as it was. Checkpoints are atomic and a restarted run resumes from the l
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -35,7 +36,7 @@ from pte.cache import CachePlan, plan_cache
 from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pte.config import CacheConfig, Params
 from pte.grpo import GRPOLossConfig, GRPOStats, group_advantages, per_token_objective, token_weights
-from pte.inference import encode_prompts, eos_ids
+from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.models import load_model
 from pte.objectives import FullCacheTeacher, completion_tokens, jsd_loss, recall_positions, token_kl
 from pte.replay import replay_logprobs
@@ -68,11 +69,9 @@ def char_match_reward(completions: list[str], answers: list[str]) -> list[float]
 def reward_function(params: Params) -> RewardFn:
     if params.grpo.reward == "char_match":
         return char_match_reward
-    from pte.rewards import score
+    from pte.rewards import reward_fn
 
-    allow = params.grpo.allow_last_number
-    return lambda completions, answers: [score(c, a, allow_last_number=allow)
-                                         for c, a in zip(completions, answers, strict=True)]
+    return functools.partial(reward_fn, allow_last_number=params.grpo.allow_last_number)
 
 
 def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -148,7 +147,10 @@ class Trainer:
                              f"processes ({world_size()}).")
         self.runtime = Runtime(cfg)
         seed_everything(params.base.seed)
-        model, self.tok = load_model(params.model.source, dtype="float32", device=self.runtime.device,
+        # fp32 training (train.precision) needs fp32 weights; under bf16 DeepSpeed casts the model to bf16 anyway
+        # (fp32 master copies of the adapters), so loading at model.dtype (auto: bf16 on CUDA) only saves memory
+        dtype = params.model.dtype if self.runtime.precision == "bf16" else "float32"
+        model, self.tok = load_model(params.model.source, dtype=dtype, device=self.runtime.device,
                                      attn_implementation=params.model.attn_implementation,
                                      revision=params.model.revision, seed=params.base.seed)
         self.model = attach_adapter(model, method, params.adapter, params.pte)
@@ -158,10 +160,7 @@ class Trainer:
             model.activation_checkpointing_enable({"use_reentrant": False})
         self.engine = init_engine(self.model, cfg, self.runtime)
         self.cache_cfg = params.cache if trains_with_bounded_cache(method) else CacheConfig(window=None)
-        self.loss_cfg = GRPOLossConfig(loss_type=params.grpo.loss_type, epsilon=params.grpo.epsilon,
-                                       epsilon_high=params.grpo.epsilon_high, beta=params.grpo.beta,
-                                       max_completion_length=params.grpo.max_completion_length,
-                                       use_bias_correction_kl=params.grpo.use_bias_correction_kl)
+        self.loss_cfg = GRPOLossConfig.from_config(params.grpo)
         local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
         self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
         self.step = self.first_step = 0
@@ -183,8 +182,7 @@ class Trainer:
             out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
                            self.tok.pad_token_id, generator=gen, sync_ranks=True)
             chunks.append(out)
-            texts += [self.tok.decode(out.tokens[b][out.mask[b].bool()], skip_special_tokens=True)
-                      for b in range(out.tokens.shape[0])]
+            texts += [decode_completion(self.tok, ids, eos) for ids in completion_ids(out)]
         answers = [self.answers[i] for i in rows for _ in range(g)]
         rewards = torch.tensor(self.reward_fn(texts, answers), dtype=torch.float32)
         if self.problems is not None:

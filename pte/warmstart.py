@@ -86,6 +86,8 @@ def warmstart(base: str | Path, rows: Sequence[Row], cfg: WarmstartConfig, data_
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     examples = sft_examples(rows, data_cfg)
+    # full fine-tuning keeps fp32 weights whatever model.dtype says: the optimizer updates them directly, and on
+    # CUDA the trainer's bf16 autocast (below) gives the speed of bf16
     model, tok = load_model(str(base), dtype="float32", seed=seed)
     model.requires_grad_(True).train()  # load_model hands out a frozen model in eval mode
     out = Path(out_dir)

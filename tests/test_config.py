@@ -29,7 +29,10 @@ def test_defaults_and_roundtrip(tmp_path):
         ({"cache": {"windw": 3}}, "unknown key `cache.windw`"),
         ({"caches": {}}, "unknown section `caches`"),
         ({"cache": {"window": 8, "budget": 64}}, "set one of them"),
-        ({"sampling": {"top_p": 0}}, "`sampling.top_p` = 0"),
+        ({"evaluate": {"top_p": 0}}, "`evaluate.top_p` = 0"),
+        ({"sampling": {"top_p": 0.9}}, "unknown section `sampling`"),  # removed: nothing read it
+        ({"train": {"methods": ["lora", "base"]}}, "`train.methods` = ['lora', 'base']"),
+        ({"evaluate": {"methods": ["pte", "qlora"]}}, "`evaluate.methods` = ['pte', 'qlora']"),
     ],
 )
 def test_invalid_values_raise_with_key_and_value(data, needle):
@@ -53,3 +56,17 @@ def test_window_semantics():
     assert CacheConfig(window=10, evict_ratio=0.25).evict_count(10) == 3  # ceil(2.5)
     assert CacheConfig(window=10, evict_ratio=1.0).evict_count(10) == 10
     assert CacheConfig(window=3, evict_ratio=0.01).evict_count(3) == 1
+
+
+def test_budget_alone_needs_no_window_null():
+    assert CacheConfig(budget=140) == CacheConfig(window=None, budget=140)
+    assert CacheConfig().window == "auto" and type(CacheConfig().window) is str
+    assert params_from_dict({"cache": {"budget": 140}}).cache == CacheConfig(window=None, budget=140)
+    assert params_from_dict({"cache": {"window": None, "budget": 140}}).cache.window is None
+    for explicit in ("auto", 32):  # given together with a budget, a window is a conflict
+        with pytest.raises(ValueError, match="set one of them"):
+            CacheConfig(window=explicit, budget=140)
+        with pytest.raises(ValueError, match="set one of them"):
+            params_from_dict({"cache": {"window": explicit, "budget": 140}})
+    params = params_from_dict({"cache": {"budget": 140}})
+    assert params_from_dict(params.to_dict()) == params  # the resolved window (null) round-trips

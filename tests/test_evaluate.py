@@ -129,7 +129,7 @@ def test_plan_batches_and_seeds():
 
 
 def test_eval_config_yaml_and_validation():
-    assert EVAL_METHODS == METHODS
+    assert EVAL_METHODS is METHODS  # one definition, pte.methods
     params = params_from_dict({"evaluate": {"methods": ["base", "pte"], "budgets": [None, 192, 128],
                                             "num_samples": 4, "pass_k": [1, 4]}})
     assert params.evaluate.budgets == (None, 192, 128)

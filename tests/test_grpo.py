@@ -332,3 +332,20 @@ def test_config_validation_names_the_key() -> None:
         grpo_loss(z, z, None, torch.zeros(1), torch.ones(1, 2), GRPOLossConfig(beta=0.1))
     assert GRPOLossConfig(epsilon=0.2).upper_epsilon() == 0.2
     assert GRPOLossConfig(epsilon=0.2, epsilon_high=0.28).upper_epsilon() == 0.28
+
+
+def test_loss_config_comes_from_the_grpo_section_with_one_validation() -> None:
+    from pte.config import GRPOConfig, params_from_dict
+
+    grpo = params_from_dict({"grpo": {"loss_type": "dr_grpo", "epsilon": 0.1, "epsilon_high": 0.28, "beta": 0.02,
+                                      "max_completion_length": 64, "use_bias_correction_kl": True}}).grpo
+    assert GRPOLossConfig.from_config(grpo) == GRPOLossConfig(
+        loss_type="dr_grpo", epsilon=0.1, epsilon_high=0.28, beta=0.02, max_completion_length=64,
+        use_bias_correction_kl=True)
+    for bad in ({"epsilon": 1.0}, {"epsilon": -0.1}, {"epsilon_high": -1.0}, {"beta": float("nan")}):
+        with pytest.raises(ValueError) as from_yaml:
+            GRPOConfig(**bad)
+        with pytest.raises(ValueError) as from_python:
+            GRPOLossConfig(**bad)
+        assert str(from_yaml.value) == str(from_python.value)
+        assert f"`grpo.{next(iter(bad))}`" in str(from_yaml.value)

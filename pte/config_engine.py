@@ -1,0 +1,168 @@
+"""Sections of the engine: the base model, the bounded KV cache, the adapters, the thought encoder, decoding.
+
+Part of the configuration that ``pte.config`` assembles (docs/pipeline.md, "Configuration"); no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pte.schema import check_range, fail
+
+__all__ = ["AdapterConfig", "CacheConfig", "ModelConfig", "PTEConfig", "SamplingConfig"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how."""
+
+    source: str = "random:llama-tiny"
+    """HF hub id, local HF directory, a ``.gguf`` file, ``pkg://<package>/<file>.gguf`` (a file shipped in an
+    installed package, located without importing it), or ``random:<preset>`` (random weights from a built-in
+    architecture, for tests and memory benchmarks)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights and activations dtype of the base model (``pte.models.resolve_dtype``; ``auto`` = bfloat16 on CUDA,
+    float32 on CPU) in the base-model stage, the evaluation, the registered predictor and bf16 training. fp32
+    training (``train.precision``) and the warm start (full fine-tuning, bf16 autocast on CUDA) keep fp32 weights."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel of the HF model."""
+    revision: str | None = None
+    """Pinned revision for hub models (ignored for local sources)."""
+
+
+class _DefaultAuto(str):
+    """The default ``"auto"`` of ``CacheConfig.window``: equal to ``"auto"`` but told apart by identity from an
+    ``"auto"`` given explicitly, so that ``CacheConfig(budget=140)`` means the budget alone."""
+
+
+_AUTO_WINDOW = _DefaultAuto("auto")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The bounded KV cache: a prompt block plus a thinking window with chunked eviction (docs/method.md, "Bounded
+    cache").
+
+    Set at most one of ``window`` and ``budget``; with neither, the cache is full (no eviction). ``window`` left at its
+    default is ``auto`` without a budget and unset (None) with one: ``CacheConfig(budget=140)`` and ``cache: {budget:
+    140}`` need no ``window: null``; a window given explicitly together with a budget is an error.
+    """
+
+    window: int | Literal["auto"] | None = _AUTO_WINDOW
+    """Thinking-window slots W. ``auto`` (the default without ``budget``) = the padded prompt length of the
+    micro-batch (the paper's training setting); ``null`` = full cache (unless ``budget`` is set)."""
+    budget: int | None = None
+    """Total slots P + W (the paper's evaluation "cache size"); W = budget - P per batch."""
+    evict_ratio: float = 0.25
+    """Fraction of the window evicted at once when it overflows: ceil(evict_ratio * W) tokens."""
+
+    def __post_init__(self) -> None:
+        if self.window is _AUTO_WINDOW:  # not given: auto, or unset when the budget decides the window
+            object.__setattr__(self, "window", None if self.budget is not None else "auto")
+        if isinstance(self.window, int) and self.window < 1:
+            fail("cache.window", self.window, "an integer >= 1, 'auto', or null for a full cache")
+        if self.budget is not None and self.budget < 2:
+            fail("cache.budget", self.budget, "an integer >= 2 (prompt + at least one thinking slot), or null")
+        check_range("cache.evict_ratio", self.evict_ratio, 0.0, 1.0, lo_open=True)
+        if self.budget is not None and self.window is not None:
+            raise ValueError(
+                f"params: `cache.window` = {self.window!r} and `cache.budget` = {self.budget!r} are both set; "
+                "set one of them and the other to null.")
+
+    @property
+    def is_full(self) -> bool:
+        """True when nothing is ever evicted."""
+        return self.window is None and self.budget is None
+
+    def thinking_window(self, prompt_len: int) -> int | None:
+        """Thinking slots W for a batch whose padded prompt block has ``prompt_len`` tokens (None = unbounded)."""
+        if self.budget is not None:
+            w = self.budget - prompt_len
+            if w < 1:
+                raise ValueError(
+                    f"cache.budget = {self.budget} leaves no room for thinking tokens after a prompt block of "
+                    f"{prompt_len} tokens; raise the budget above {prompt_len} or shorten the prompts.")
+            return w
+        if self.window == "auto":
+            return max(1, prompt_len)
+        return self.window
+
+    def evict_count(self, window: int) -> int:
+        """Tokens evicted per event for a thinking window of ``window`` slots."""
+        return max(1, min(window, math.ceil(self.evict_ratio * window - 1e-9)))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Adapter shape shared by LoRA baselines and PTE, so the comparison is fair (docs/method.md, "Thought state and
+    adapter")."""
+
+    rank: int = 32
+    """r: LoRA rank, and the latent rank of the PTE state."""
+    alpha: float = 32.0
+    """Scaling numerator; the adapter output is multiplied by alpha / rank."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Linear layers (by attribute name) that receive the adapter."""
+    dropout: float = 0.0
+    """LoRA dropout (peft baselines only)."""
+
+    def __post_init__(self) -> None:
+        check_range("adapter.rank", self.rank, 1)
+        check_range("adapter.alpha", self.alpha, 0.0, lo_open=True)
+        check_range("adapter.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        if not self.target_modules:
+            fail("adapter.target_modules", self.target_modules, "a non-empty list of linear layer names")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class PTEConfig:
+    """Thought-state encoder settings (docs/method.md, "Thought state and adapter")."""
+
+    global_tokens: int = 32
+    """G: number of learnable global tokens (rows of the state S)."""
+    per_layer_globals: bool = False
+    """One set of global tokens per decoder layer instead of one shared set."""
+    normalize: Literal["accumulate", "recursive"] = "accumulate"
+    """``accumulate``: S = Norm(S_g + sum of event states) (Fig. 2); ``recursive``: S <- Norm(S + S'_e) (the text)."""
+    event_updates: bool = True
+    """False = the Global-Only ablation: S stays Norm(S_g), evictions never update it."""
+    use_global_state: bool = True
+    """False = the #Global-0 ablation: the S_g term is dropped (S starts at 0)."""
+    eps: float = 1e-6
+    """Epsilon of the row-wise L2 normalisation."""
+
+    def __post_init__(self) -> None:
+        check_range("pte.global_tokens", self.global_tokens, 1)
+        check_range("pte.eps", self.eps, 0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings of one generation call; not a ``params.yaml`` section: rollouts decode with
+    ``grpo.sampling()``, the evaluation and the registered predictor with ``evaluate.sampling()``, and ``pte generate``
+    with its command-line flags (docs/pipeline.md, "Configuration")."""
+
+    max_new_tokens: int = 256
+    """Generated tokens per sequence at most."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+
+    def __post_init__(self) -> None:
+        check_range("sampling.max_new_tokens", self.max_new_tokens, 1)
+        check_range("sampling.temperature", self.temperature, 0.0)
+        check_range("sampling.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_range("sampling.top_k", self.top_k, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

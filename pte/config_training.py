@@ -1,0 +1,205 @@
+"""Sections of training: GRPO (rollouts, reward, loss), the training loop, the warm start.
+
+Part of the configuration that ``pte.config`` assembles (docs/pipeline.md, "Configuration"); no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pte.config_engine import SamplingConfig
+from pte.methods import METHODS
+from pte.schema import check_range, fail
+
+__all__ = ["LOSS_TYPES", "GRPOConfig", "TrainConfig", "WarmstartConfig", "check_loss_settings"]
+
+
+LOSS_TYPES: tuple[str, ...] = ("grpo", "dapo", "dr_grpo")
+"""``grpo.loss_type`` values, with TRL's meaning (see :class:`GRPOConfig`)."""
+
+
+def check_loss_settings(loss_type: str, epsilon: float, epsilon_high: float | None, beta: float,
+                        max_completion_length: int | None, delta: float | None = None) -> None:
+    """The one validation of the GRPO loss settings, shared by :class:`GRPOConfig` (the ``grpo:`` section) and
+    ``pte.grpo.GRPOLossConfig`` (the loss's view of it, built by ``GRPOLossConfig.from_config``).
+
+    Raises:
+        ValueError: naming the ``grpo.<key>``, the value and what is allowed.
+    """
+    if loss_type not in LOSS_TYPES:
+        fail("grpo.loss_type", loss_type, f"one of {list(LOSS_TYPES)}")
+    check_range("grpo.epsilon", epsilon, 0.0, 1.0, hi_open=True)
+    check_range("grpo.epsilon_high", epsilon_high, 0.0)
+    if not math.isfinite(beta):
+        fail("grpo.beta", beta, "a finite number >= 0 (0 disables the KL term)")
+    check_range("grpo.beta", beta, 0.0)
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        fail("grpo.max_completion_length", max_completion_length,
+              "a positive integer with loss_type 'dr_grpo' (its constant normaliser)")
+    upper = epsilon if epsilon_high is None else epsilon_high
+    if delta is not None and delta <= 1.0 + upper:
+        fail("grpo.delta", delta, f"a number > 1 + epsilon_high = {1.0 + upper:g}, or None")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Group rollouts, reward and loss (docs/method.md, "Loss and training"); names follow TRL's ``GRPOConfig``."""
+
+    num_generations: int = 8
+    """G: completions sampled per prompt (one group)."""
+    max_completion_length: int = 256
+    """Generated tokens per completion at most."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (log-probs are of softmax(logits / temperature))."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling mass."""
+    top_k: int = 0
+    """Rollout top-k (0 = off)."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """Loss aggregation with TRL's meaning: per-sequence mean (grpo), token mean (dapo), fixed length (dr_grpo)."""
+    epsilon: float = 0.2
+    """PPO clip range (lower), in [0, 1)."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO clip-higher); null = epsilon."""
+    beta: float = 0.001
+    """k3 KL coefficient against the reference (the base model, adapters off)."""
+    kl_cache: Literal["full", "bounded"] = "full"
+    """Cache of the reference forward: full (the paper's Eq. 3) or the same bounded cache as the policy."""
+    kl_estimator: Literal["k3", "exact"] = "k3"
+    """``k3``: the one-sample estimate from the sampled token's log-probs (TRL, verl, the paper); ``exact``: the
+    per-position KL over the whole vocabulary against the full-cache reference, chunk by chunk (what the ``distill``
+    objective optimises; needs ``kl_cache: full``)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: group std (population std, as the paper), batch std, or none (Dr. GRPO)."""
+    use_bias_correction_kl: bool = False
+    """TRL's bias-corrected KL (multiplies the k3 term by the ratio); off = plain k3 as in verl and the paper."""
+    reward: Literal["math", "char_match"] = "math"
+    """``math``: the answer oracle of pte.rewards; ``char_match``: dense toy reward for smoke tests."""
+    allow_last_number: bool = False
+    """Accept the last number of a completion as its answer when it has no \\boxed{} / Answer: line."""
+
+    def __post_init__(self) -> None:
+        check_range("grpo.num_generations", self.num_generations, 2)
+        check_range("grpo.max_completion_length", self.max_completion_length, 1)
+        check_range("grpo.temperature", self.temperature, 0.0, lo_open=True)
+        check_range("grpo.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_range("grpo.top_k", self.top_k, 0)
+        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.max_completion_length)
+        if self.kl_estimator == "exact" and self.kl_cache != "full":
+            raise ValueError("params: `grpo.kl_estimator` = 'exact' needs `grpo.kl_cache` = 'full' (the teacher is the "
+                             f"full-cache reference), got {self.kl_cache!r}; set kl_cache: full or kl_estimator: k3.")
+
+    def sampling(self) -> SamplingConfig:
+        """The rollout's sampling settings."""
+        return SamplingConfig(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop and its DeepSpeed engine (docs/method.md, "Loss and training")."""
+
+    methods: tuple[str, ...] = ("lora", "lora_c", "pte")
+    """Methods the pipeline trains (one ``train@<method>`` DVC stage each); ``pte train --method`` picks one."""
+    steps: int = 20
+    """Optimizer steps."""
+    prompts_per_step: int = 2
+    """Prompts per step (across all processes); each yields a group of num_generations rollouts."""
+    rollout_batch: int = 16
+    """Rows generated together (a multiple of micro_batch)."""
+    micro_batch: int = 8
+    """Rows replayed and backpropagated together."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on CUDA, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train."""
+    save_every: int = 10
+    """Checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest removed)."""
+    check_replay: bool = True
+    """On the first step, check replay log-probs against rollout log-probs and stop if they differ."""
+    replay_tolerance: float = 1e-4
+    """Largest allowed |replay - rollout| log-prob difference for the check (fp32)."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+    objective: Literal["grpo", "sft", "distill"] = "grpo"
+    """What the replay optimises (docs/method.md, "Objectives"): ``grpo`` (the paper's Eq. 3); ``sft``, teacher-forced
+    NLL of worked solutions under the method's training cache (``prompts_per_step`` rows a step; the rows' source
+    must have a worked-solution writer); ``distill``, on-policy distillation of the sampled rollouts toward the
+    model's own adapter-disabled, full-cache distribution (TRL's generalized JSD over the whole vocabulary)."""
+    distill_beta: float = 1.0
+    """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
+    KL(teacher || student), in between = the JSD of GKD."""
+    init_adapter: str | None = None
+    """An adapter directory (``models/<method>/adapter`` of an earlier run, same method) to start from instead of a
+    fresh adapter, e.g. GRPO after ``sft`` or ``distill``."""
+    gradient_checkpointing: bool = False
+    """Recompute in backward, in full-cache replays (``lora``), the decoder layers (HF activation checkpointing) and
+    the LM head + log-softmax (256 positions at a time): activation memory of one layer and one head chunk instead
+    of all, for ~1/3 more compute. Bounded-cache methods replay one segment at a time already and ignore it. Needed
+    for long full-cache rollouts (the paper preset's ``lora``)."""
+
+    def __post_init__(self) -> None:
+        trainable = [m for m in METHODS if m != "base"]
+        if not self.methods or any(m not in trainable for m in self.methods) or len(set(self.methods)) != len(
+                self.methods):
+            fail("train.methods", list(self.methods), f"a non-empty list of distinct names from {trainable}")
+        check_range("train.steps", self.steps, 1)
+        check_range("train.prompts_per_step", self.prompts_per_step, 1)
+        check_range("train.rollout_batch", self.rollout_batch, 1)
+        check_range("train.micro_batch", self.micro_batch, 1)
+        check_range("train.lr", self.lr, 0.0, lo_open=True)
+        check_range("train.weight_decay", self.weight_decay, 0.0)
+        check_range("train.grad_clip", self.grad_clip, 0.0)
+        check_range("train.zero_stage", self.zero_stage, 0, 3)
+        check_range("train.save_every", self.save_every, 1)
+        check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("train.threads", self.threads, 0)
+        check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
+        if self.rollout_batch % self.micro_batch:
+            raise ValueError(f"params: `train.rollout_batch` = {self.rollout_batch} is not a multiple of "
+                             f"`train.micro_batch` = {self.micro_batch}; make it one.")
+
+
+@dataclass(frozen=True)
+class WarmstartConfig:
+    """The ``warmstart`` stage: supervised fine-tuning of the base on worked solutions of ``data.warmstart`` before
+    GRPO, so that a small base already reasons in the task's format. Full fine-tuning with TRL's ``SFTTrainer``, loss
+    on the completion only (docs/method.md, "Data and warm start")."""
+
+    enabled: bool = False
+    """Run the stage; when false, later stages use the base model as it is."""
+    epochs: float = 1.0
+    """Passes over the warm-start problems."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    batch_size: int = 8
+    """Examples per optimizer step."""
+    warmup: float = 0.1
+    """Fraction of the steps spent warming the learning rate up (then cosine decay to zero)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_length: int = 512
+    """Longest prompt + solution in tokens; longer examples are truncated."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default). The model is bit-identical only for the same thread count."""
+
+    def __post_init__(self) -> None:
+        check_range("warmstart.epochs", self.epochs, 0.0, lo_open=True)
+        check_range("warmstart.lr", self.lr, 0.0, lo_open=True)
+        check_range("warmstart.batch_size", self.batch_size, 1)
+        check_range("warmstart.warmup", self.warmup, 0.0, 1.0, hi_open=True)
+        check_range("warmstart.weight_decay", self.weight_decay, 0.0)
+        check_range("warmstart.max_length", self.max_length, 2)
+        check_range("warmstart.threads", self.threads, 0)

@@ -1,0 +1,111 @@
+"""Parsing and validation helpers of the ``params.yaml`` sections: typed coercion of YAML values into frozen
+dataclasses, and errors that name the key, the value and what is allowed.
+
+It imports nothing from the package, so every module that declares a section (``pte.config_engine``,
+``pte.config_training``, ``pte.config_pipeline``, ``pte.data``, ``pte.adapters``) can use it without an import cycle;
+``pte.config`` assembles the sections (docs/pipeline.md, "Configuration").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+__all__ = ["check_range", "fail", "plain", "section_from_dict"]
+
+
+def fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    """Raise the ``ValueError`` of an invalid ``params.yaml`` value: ``key`` (dotted), ``value`` and what is allowed."""
+    raise ValueError(f"params: `{key}` = {value!r} is invalid; allowed: {allowed}.")
+
+
+def check_range(key: str, value: float | int | None, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Fail unless ``value`` (None always passes) lies in the interval from ``lo`` to ``hi`` (open ends when asked)."""
+    if value is None:
+        return
+    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+        hi is not None and (value > hi or (hi_open and value == hi)))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        fail(key, value, f"a number in {left}{lo_s}, {hi_s}{right}")
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as plain data: dicts and lists all the way down (tuples become lists)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp``, or ``_NO`` when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin is Literal:
+        return value if value in typing.get_args(tp) and not isinstance(value, bool) else _NO
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        items = [_coerce(v, item_tp) for v in value]
+        return _NO if any(i is _NO for i in items) else tuple(items)
+    if tp is type(None):
+        return None if value is None else _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    raise TypeError(f"unsupported config field type {tp!r}")
+
+
+def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
+    """Build the dataclass ``cls`` from the mapping ``data`` of section ``section``, validating every key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        fail(section, data, f"a mapping with keys {[f.name for f in dataclasses.fields(cls)]}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"params: unknown key `{section}.{key}`; known keys of `{section}`: {sorted(names)}.")
+    kwargs = {}
+    for key, value in data.items():
+        out = _coerce(value, hints[key])
+        if out is _NO:
+            fail(f"{section}.{key}", value, _type_name(hints[key]))
+        kwargs[key] = out
+    return cls(**kwargs)
