@@ -26,7 +26,7 @@ from pte.adapters import find_pte
 from pte.cache import BoundedCache, CachePlan, plan_cache
 from pte.config import CacheConfig, SamplingConfig
 
-__all__ = ["Rollout", "format_mask", "generate", "model_forward", "pad_rollout", "sample_tokens"]
+__all__ = ["Rollout", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout", "sample_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,31 @@ def sampling_candidates(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple
     return top.masked_fill(remove, float("-inf")), idx
 
 
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of ``probs`` by inverting its CDF at ``uniform``.
+
+    Args:
+        probs: ``[B, K]`` non-negative weights per row (need not sum to 1; zero entries are never picked).
+        uniform: ``[B]`` draws in ``[0, 1)``.
+
+    Returns:
+        ``[B]`` long: the first index whose cumulative weight exceeds ``uniform * total``, so index i is picked with
+        probability ``probs[i] / total``. The CDF is accumulated in fp64: over a 150k-token vocabulary an fp32 sum
+        would distort tokens below ~1e-7, and since ``uniform < 1`` the target stays strictly below the total.
+    """
+    cdf = probs.double().cumsum(-1)  # [B, K]
+    target = uniform.double().unsqueeze(-1) * cdf[:, -1:]  # [B, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token of every row.
+
+    Random stream: a sampling step draws exactly one fp64 uniform per row from ``generator``
+    (``torch.rand(B, dtype=float64)``) and inverts the CDF of the row's (top-k / top-p filtered) distribution at it,
+    whatever the vocabulary size or the filters; greedy draws nothing. ``torch.multinomial`` instead draws an
+    exponential per vocabulary entry (``[B, V]`` noise per step) for one token.
 
     Args:
         logits: ``[B, V]`` float32.
@@ -159,12 +181,13 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     else:
         scaled = logits / cfg.temperature
         logp = torch.log_softmax(scaled, -1)
+        u = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device, generator=generator)  # [B]
         cand = sampling_candidates(scaled, cfg.top_k, cfg.top_p)
         if cand is None:
-            tokens = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+            tokens = inverse_cdf(logp.exp(), u)
         else:
-            pick = torch.multinomial(cand[0].softmax(-1), 1, generator=generator)
-            tokens = cand[1].gather(-1, pick).squeeze(-1)
+            pick = inverse_cdf(cand[0].softmax(-1), u)
+            tokens = cand[1].gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
