@@ -154,6 +154,15 @@ class BoundedCache:
         self.max_slots = max(self.max_slots, self.num_slots)
         return slot_attention_mask(self._valid, self.plan.prompt_len)
 
+    def broadcast_rows(self, index: torch.Tensor) -> None:
+        """Spread a prefill computed for some rows to the whole batch: row b of every layer gets row ``index[b]``.
+
+        Args:
+            index: ``[B]`` long, the computed row that row b copies (rows sharing a prompt share one prefill).
+        """
+        for layer in self.hf.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+
     def evict(self) -> Evicted:
         """Remove the oldest ``e`` thinking slots from every layer and return what left."""
         p, e = self.plan.prompt_len, min(self.plan.evict, self.num_thinking)

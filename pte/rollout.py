@@ -26,7 +26,8 @@ from pte.adapters import find_pte
 from pte.cache import BoundedCache, CachePlan, plan_cache
 from pte.config import CacheConfig, SamplingConfig
 
-__all__ = ["Rollout", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout", "sample_tokens"]
+__all__ = ["Rollout", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout", "sample_tokens",
+           "shared_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,21 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompt rows (GRPO groups, evaluation samples), to prefill each run once.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
+
+    Returns:
+        ``first`` ``[U]``: the first row of each run; ``index`` ``[B]``: the run of every row (``first[index]`` is the
+        row whose prefill row b copies).
+    """
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)  # [B-1]
+    starts = torch.cat([same.new_ones(1), ~same])  # [B] a run begins
+    return starts.nonzero().squeeze(-1), starts.long().cumsum(0) - 1
+
+
 def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is None:
@@ -207,7 +223,8 @@ def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> No
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache_cfg: CacheConfig,
              sampling: SamplingConfig, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int,
-             generator: torch.Generator | None = None, progress: bool = False, sync_ranks: bool = False) -> Rollout:
+             generator: torch.Generator | None = None, progress: bool = False, sync_ranks: bool = False,
+             share_prompts: bool = True) -> Rollout:
     """Sample continuations of a left-padded prompt batch under the bounded cache.
 
     Args:
@@ -223,6 +240,11 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
             DeepSpeed ZeRO-3, which gathers the partitioned weights inside every forward). Costs one scalar
             all-reduce per token. Without a process group, or with one rank, it changes nothing. The returned
             rollout is cut at this rank's longest row either way; training pads it to the longest of all ranks.
+        share_prompts: prefill each run of identical consecutive prompt rows once and copy its cache and logits to
+            the run's rows (:func:`shared_prompts`): a GRPO group of G rows costs one prompt forward, not G. The
+            rows then decode as before (the PTE state before any event is the same for every row), so tokens and
+            log-probs equal the unshared path's (bit for bit on CPU, tested; a GPU may pick other kernels for the
+            smaller prefill batch, within rounding); False prefills every row.
 
     Returns:
         A :class:`Rollout`.
@@ -248,10 +270,22 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     evictions = torch.zeros(bsz, dtype=torch.long, device=device)
     events: list[int] = []
 
-    if pte is not None:
-        pte.begin(bsz)
+    first, index = shared_prompts(prompt_ids, prompt_mask) if share_prompts and bsz > 1 else (None, None)
+    if first is not None and len(first) == bsz:
+        first = None  # every prompt differs: nothing to share
     try:
-        logits = model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1)
+        if first is None:
+            if pte is not None:
+                pte.begin(bsz)
+            logits = model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1)
+        else:
+            if pte is not None:
+                pte.begin(len(first))  # Normalize(S_g) for the prefilled rows; every row starts from the same state
+            logits = model_forward(model, cache, prompt_ids[first], cache.prompt_positions[first],
+                                   cache.prefill_mask()[first], 1)[index]
+            cache.broadcast_rows(index)
+            if pte is not None:
+                pte.begin(bsz)
         from tqdm.auto import tqdm
 
         steps = tqdm(range(n_max), desc="generate", unit="tok", disable=not progress, leave=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, batch, tiny
+from conftest import FAMILIES, PROMPTS, batch, tiny
 from reference import eviction_schedule, naive_logits
 
 import pte.rollout as rollout_mod
@@ -232,3 +232,44 @@ def test_inverse_cdf_edges():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
     u = torch.tensor([0.0, 0.4999, 0.5, 1 - 2**-53], dtype=torch.float64)
     assert inverse_cdf(probs, u).tolist() == [1, 1, 3, 3]  # zero weights are never hit, not even at 0 or near 1
+
+
+def test_shared_prompts_finds_runs_of_identical_rows():
+    from pte.rollout import shared_prompts
+
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 5, 6], [0, 5, 6]])
+    mask = (ids != 0).long()
+    first, index = shared_prompts(ids, mask)
+    assert first.tolist() == [0, 2, 3] and index.tolist() == [0, 0, 1, 2, 2, 2]  # runs, not a global dedupe
+    mask[1, 0] = 1  # same ids, other padding: another prompt
+    assert shared_prompts(ids, mask)[0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["sliding", "pte", "lora_c"])
+def test_shared_prefill_gives_the_unshared_tokens_and_logprobs(method, monkeypatch):
+    """GRPO groups (each prompt G times, left-padded): one prefill per group, same tokens and log-probs, bit for bit."""
+    model, tok = tiny("qwen3-tiny")
+    if method == "pte":
+        _nonzero_pte(model)
+    elif method == "lora_c":
+        model = attach_adapter(model, "lora_c", AdapterConfig(rank=8), PTEConfig())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+    ids, am = batch(tok, [p for p in PROMPTS for _ in range(3)])
+    rows = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+
+    def run(share):
+        rows.clear()
+        out = generate(model, ids, am, CacheConfig(window=8, evict_ratio=0.25),
+                       SamplingConfig(max_new_tokens=30, temperature=1.0, top_p=0.95), [tok.eos_token_id],
+                       tok.pad_token_id, generator=torch.Generator().manual_seed(0), share_prompts=share)
+        return out, rows[0]
+
+    (shared, first), (plain, first_plain) = run(True), run(False)
+    assert first[0] == len(PROMPTS) and first_plain[0] == 3 * len(PROMPTS)  # the prefill forward's rows
+    assert len(shared.event_steps) >= 3
+    assert torch.equal(shared.tokens, plain.tokens) and torch.equal(shared.logprobs, plain.logprobs)
+    assert torch.equal(shared.mask, plain.mask) and shared.event_steps == plain.event_steps
