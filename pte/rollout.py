@@ -224,7 +224,7 @@ def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> No
 def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache_cfg: CacheConfig,
              sampling: SamplingConfig, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int,
              generator: torch.Generator | None = None, progress: bool = False, sync_ranks: bool = False,
-             share_prompts: bool = True) -> Rollout:
+             share_prompts: bool = True, static_cache: bool = True) -> Rollout:
     """Sample continuations of a left-padded prompt batch under the bounded cache.
 
     Args:
@@ -245,6 +245,9 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
             rows then decode as before (the PTE state before any event is the same for every row), so tokens and
             log-probs equal the unshared path's (bit for bit on CPU, tested; a GPU may pick other kernels for the
             smaller prefill batch, within rounding); False prefills every row.
+        static_cache: with a bounded window, decode into preallocated ``P + W``-slot buffers written and evicted in
+            place (:class:`pte.cache.SlotLayer`) instead of a ``DynamicCache`` that concatenates every step; same
+            tokens and log-probs up to rounding (tested against the dynamic path through eviction events).
 
     Returns:
         A :class:`Rollout`.
@@ -254,11 +257,11 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         raise ValueError("every prompt needs at least one token")
     _check_context(model, p, sampling.max_new_tokens)
     plan = plan_cache(cache_cfg, p)
-    cache = BoundedCache(plan, prompt_mask)
+    cache = BoundedCache(plan, prompt_mask, static=static_cache)
     pte = find_pte(model)
     device = prompt_ids.device
     eos = torch.tensor(list(eos_token_ids), device=device)
-    padded = bool((prompt_mask == 0).any())
+    padded = bool((prompt_mask == 0).any()) or cache.static  # a static cache always hides its unused slots
     n_max = sampling.max_new_tokens
     sync = sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() and (
         torch.distributed.get_world_size() > 1)

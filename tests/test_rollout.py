@@ -273,3 +273,66 @@ def test_shared_prefill_gives_the_unshared_tokens_and_logprobs(method, monkeypat
     assert len(shared.event_steps) >= 3
     assert torch.equal(shared.tokens, plain.tokens) and torch.equal(shared.logprobs, plain.logprobs)
     assert torch.equal(shared.mask, plain.mask) and shared.event_steps == plain.event_steps
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_equals_the_dynamic_cache_through_eviction_events(family):
+    """Slot by slot: the in-place buffers hold what the DynamicCache holds, evict the same K/V and positions, give
+    the same logits at every step (padded batch, several events), and are never reallocated."""
+    from pte.cache import BoundedCache, CachePlan
+    from pte.rollout import model_forward
+
+    model, tok = tiny(family)
+    ids, am = batch(tok)
+    plan = CachePlan(ids.shape[1], 6, 2)
+    dyn, sta = BoundedCache(plan, am), BoundedCache(plan, am, static=True)
+    with torch.no_grad():
+        out_d = model_forward(model, dyn, ids, dyn.prompt_positions, dyn.prefill_mask(), 1)
+        out_s = model_forward(model, sta, ids, sta.prompt_positions, sta.prefill_mask(), 1)
+        ptrs = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in sta.hf.layers]
+        assert all(layer.keys.shape[2] == plan.capacity for layer in sta.hf.layers)
+        events = 0
+        for t in range(20):
+            torch.testing.assert_close(out_s, out_d, atol=1e-6, rtol=0)
+            tok_t = out_d[:, -1].argmax(-1, keepdim=True)
+            if dyn.needs_eviction(1):
+                assert sta.needs_eviction(1)
+                ev_d, ev_s = dyn.evict(), sta.evict()
+                events += 1
+                assert torch.equal(ev_s.positions, ev_d.positions)
+                for a, b in zip(ev_s.keys + ev_s.values, ev_d.keys + ev_d.values, strict=True):
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+            pos = dyn.positions_for(t, 1)
+            mask_d, mask_s = dyn.extend(pos), sta.extend(pos)
+            assert mask_s.shape[-1] == plan.capacity and not mask_s[..., sta.num_slots :].any()
+            assert torch.equal(mask_s[..., : sta.num_slots], mask_d)
+            out_d = model_forward(model, dyn, tok_t, pos, mask_d, 1)
+            out_s = model_forward(model, sta, tok_t, pos, mask_s, 1)
+            for ls, ld in zip(sta.hf.layers, dyn.hf.layers, strict=True):
+                torch.testing.assert_close(ls.keys[:, :, : sta.num_slots], ld.keys, atol=1e-6, rtol=0)
+                torch.testing.assert_close(ls.values[:, :, : sta.num_slots], ld.values, atol=1e-6, rtol=0)
+    assert events >= 5 and sta.max_slots == dyn.max_slots == plan.capacity
+    assert ptrs == [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in sta.hf.layers]
+
+
+@pytest.mark.parametrize("method", ["sliding", "pte"])
+def test_static_cache_rollout_equals_the_dynamic_rollout(monkeypatch, method):
+    """The whole rollout: same tokens, log-probs, events and evicted state updates with either cache."""
+    model, tok = tiny("qwen2-tiny")
+    if method == "pte":
+        _nonzero_pte(model)
+    ids, am = batch(tok)
+    seen = _record_logits(monkeypatch)
+
+    def run(static):
+        seen.clear()
+        out = generate(model, ids, am, CacheConfig(window=7, evict_ratio=0.3), SamplingConfig(max_new_tokens=40),
+                       [tok.eos_token_id], tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                       static_cache=static)
+        return out, torch.stack(seen, 1)
+
+    (sta, logits_s), (dyn, logits_d) = run(True), run(False)
+    assert len(dyn.event_steps) >= 5 and sta.event_steps == dyn.event_steps
+    assert torch.equal(sta.tokens, dyn.tokens) and sta.max_cache_tokens == dyn.max_cache_tokens
+    torch.testing.assert_close(sta.logprobs, dyn.logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits_s, logits_d, atol=1e-6, rtol=0)
