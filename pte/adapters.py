@@ -155,11 +155,15 @@ class PTEAdapter(nn.Module):
         state.update(ke, ve, active)
 
     def pre_rope(self, evicted: Evicted) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evicted keys un-rotated to pre-RoPE and values, heads flattened, detached: ``[L, B, m, d_kv]`` each."""
+        """Evicted keys un-rotated to pre-RoPE and values, heads flattened, detached: ``[L, B, m, d_kv]`` each (fp32).
+
+        The inverse rotation runs in fp32 (the rotary tables come in the dtype of the tensor passed), so a bf16 model's
+        cached keys lose no further precision on their way into the fp32 state.
+        """
         rotary = self._model.get_decoder().rotary_emb
-        cos, sin = rotary(evicted.values[0], position_ids=evicted.positions)
-        keys = torch.stack([flatten_heads(unrotate_keys(k.detach(), cos, sin)) for k in evicted.keys])
-        values = torch.stack([flatten_heads(v.detach()) for v in evicted.values])
+        cos, sin = rotary(evicted.values[0].float(), position_ids=evicted.positions)
+        keys = torch.stack([flatten_heads(unrotate_keys(k.detach().float(), cos, sin)) for k in evicted.keys])
+        values = torch.stack([flatten_heads(v.detach().float()) for v in evicted.values])
         return keys, values
 
     def end(self) -> None:

@@ -12,7 +12,12 @@ Attention masks are built here as explicit 4-D masks over the slots, so padding 
 any eviction; HF receives them as-is.
 
 The HF ``DynamicCache`` does the appending inside the attention layers; this module only removes
-slots from it. It knows nothing about sampling, adapters or the thought state.
+slots from it. With ``static=True`` (a bounded window) every layer instead holds one preallocated
+``[B, H_kv, P + W, D]`` buffer (:class:`SlotLayer`): the attention layers write new K/V in place at the next
+free slot, an eviction shifts the kept thinking slots down by ``e`` in place, and the unused tail is masked, so a
+decode step allocates and copies no cache (a ``DynamicCache`` concatenates the whole cache every step). Slot order
+is the same in both, so the logits agree to rounding (attention also sums over the masked tail). It knows nothing
+about sampling, adapters or the thought state.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from pte.config import CacheConfig
 
-__all__ = ["BoundedCache", "CachePlan", "Evicted", "event_steps", "plan_cache", "slot_attention_mask"]
+__all__ = ["BoundedCache", "CachePlan", "Evicted", "SlotLayer", "event_steps", "plan_cache", "slot_attention_mask"]
 
 
 @dataclass(frozen=True)
@@ -91,19 +98,69 @@ class Evicted:
     positions: torch.Tensor  # [B, e] RoPE position each evicted key was rotated with
 
 
+class SlotLayer(CacheLayerMixin):
+    """One layer's preallocated ``[B, H_kv, P + W, D]`` keys and values, written in place at the owner's next slot.
+
+    The attention layers call ``update`` with the new tokens' K/V ``[B or U, H_kv, n, D]``; they are copied into
+    slots ``[owner.write_at, owner.write_at + n)`` and the whole buffer is returned: the owner's mask hides the slots
+    not in use. A shared prefill passes its U < B distinct rows, written to rows ``0..U-1`` and spread by
+    :meth:`BoundedCache.broadcast_rows`.
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: BoundedCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        bsz, heads, cap = self.owner.batch_size, key_states.shape[1], self.owner.plan.capacity
+        self.keys = key_states.new_zeros(bsz, heads, cap, key_states.shape[-1])
+        self.values = value_states.new_zeros(bsz, heads, cap, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, start, n = key_states.shape[0], self.owner.write_at, key_states.shape[-2]
+        self.keys[:rows, :, start : start + n].copy_(key_states)
+        self.values[:rows, :, start : start + n].copy_(value_states)
+        if rows < self.keys.shape[0]:  # a shared prefill attends with its own rows only
+            return self.keys[:rows], self.values[:rows]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.plan.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.num_slots
+
+    def get_max_length(self) -> int:
+        return self.owner.plan.capacity
+
+
 class BoundedCache:
-    """Slot bookkeeping around an HF ``DynamicCache`` for one batch.
+    """Slot bookkeeping around an HF ``DynamicCache`` (or the in-place :class:`SlotLayer` buffers) for one batch.
 
     Args:
         plan: the resolved layout.
         prompt_mask: ``[B, P]`` 1 for real prompt tokens, 0 for left padding.
+        static: preallocate ``P + W`` slots per layer and write, evict and mask in place (needs a bounded window;
+            ignored for the full cache). Its masks then always span the ``P + W`` slots and must always be passed.
     """
 
-    def __init__(self, plan: CachePlan, prompt_mask: torch.Tensor):
+    def __init__(self, plan: CachePlan, prompt_mask: torch.Tensor, static: bool = False):
         bsz, p = prompt_mask.shape
         assert p == plan.prompt_len, (p, plan.prompt_len)
         self.plan = plan
-        self.hf = DynamicCache()
+        self.batch_size = bsz
+        self.static = static and plan.window is not None
+        self.write_at = 0  # slot where the next forward's K/V go (static)
+        # static: one SlotLayer per decoder layer, created when the layer first writes
+        self.hf = Cache(layer_class_to_replicate=lambda: SlotLayer(self)) if self.static else DynamicCache()
         self.prompt_lengths = prompt_mask.sum(-1).long()  # [B]
         self._valid = prompt_mask.bool()  # [B, S] for the slots described so far
         # HF convention for left padding: real tokens at positions 0..len-1, pads at 1 (masked anyway).
@@ -143,16 +200,38 @@ class BoundedCache:
         if self.plan.window is not None and self.num_thinking + n > self.plan.window:
             raise RuntimeError(f"appending {n} tokens overflows the thinking window "
                                f"({self.num_thinking}/{self.plan.window}); evict first")
+        self.write_at = self.num_slots
         self._valid = torch.cat([self._valid, self._valid.new_ones(self._valid.shape[0], n)], dim=1)
         self._pos = torch.cat([self._pos, positions.to(self._pos)], dim=1)
         self.num_thinking += n
         self.max_slots = max(self.max_slots, self.num_slots)
-        return slot_attention_mask(self._valid, n)
+        return self._full_width(slot_attention_mask(self._valid, n))
 
     def prefill_mask(self) -> torch.Tensor:
-        """``[B, 1, P, P]`` attention mask of the prompt-block forward."""
+        """``[B, 1, P, P]`` attention mask of the prompt-block forward (``[B, 1, P, P + W]`` when static)."""
+        self.write_at = 0
         self.max_slots = max(self.max_slots, self.num_slots)
-        return slot_attention_mask(self._valid, self.plan.prompt_len)
+        return self._full_width(slot_attention_mask(self._valid, self.plan.prompt_len))
+
+    def _full_width(self, mask: torch.Tensor) -> torch.Tensor:
+        """A static cache's attention sees all ``P + W`` slots: the ones not in use are hidden."""
+        if not self.static:
+            return mask
+        return F.pad(mask, (0, self.plan.capacity - mask.shape[-1]), value=False)
+
+    def broadcast_rows(self, index: torch.Tensor) -> None:
+        """Spread a prefill computed for some rows to the whole batch: row b of every layer gets row ``index[b]``.
+
+        Args:
+            index: ``[B]`` long, the computed row that row b copies (rows sharing a prompt share one prefill).
+        """
+        for layer in self.hf.layers:
+            if self.static:  # only the slots written so far (the prompt block) hold anything
+                s = self.num_slots
+                layer.keys[:, :, :s].copy_(layer.keys[:, :, :s].index_select(0, index))
+                layer.values[:, :, :s].copy_(layer.values[:, :, :s].index_select(0, index))
+            else:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
 
     def evict(self) -> Evicted:
         """Remove the oldest ``e`` thinking slots from every layer and return what left."""
@@ -161,6 +240,12 @@ class BoundedCache:
         keys, values = [], []
         for layer in self.hf.layers:
             k, v = layer.keys, layer.values
+            if self.static:
+                keys.append(k[:, :, p : p + e].clone())  # the shift below overwrites these slots
+                values.append(v[:, :, p : p + e].clone())
+                _shift_down(k, p + e, p + self.num_thinking, e)
+                _shift_down(v, p + e, p + self.num_thinking, e)
+                continue
             keys.append(k[:, :, p : p + e])
             values.append(v[:, :, p : p + e])
             layer.keys = torch.cat([k[:, :, :p], k[:, :, p + e :]], dim=2)
@@ -171,3 +256,15 @@ class BoundedCache:
         self.num_thinking -= e
         self.num_events += 1
         return Evicted(keys, values, positions)
+
+
+def _shift_down(buf: torch.Tensor, start: int, end: int, by: int) -> None:
+    """Move slots ``[start, end)`` of ``buf`` ``[B, H, S, D]`` to ``[start - by, end - by)`` in place.
+
+    Blocks of at most ``by`` slots, lowest first: a block's source and destination never overlap (torch refuses
+    overlapping in-place copies), and a source is read before any later block overwrites it. Slots left behind at the
+    top keep stale values; the mask hides them until they are written again.
+    """
+    for a in range(start, end, by):
+        b = min(a + by, end)
+        buf[:, :, a - by : b - by].copy_(buf[:, :, a:b])

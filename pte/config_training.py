@@ -130,7 +130,13 @@ class TrainConfig:
     check_replay: bool = True
     """On the first step, check replay log-probs against rollout log-probs and stop if they differ."""
     replay_tolerance: float = 1e-4
-    """Largest allowed |replay - rollout| log-prob difference for the check (fp32)."""
+    """Largest allowed |replay - rollout| log-prob difference for the check in fp32 (``train.precision: fp32``)."""
+    replay_tolerance_bf16: float = 1.0
+    """The same bound in bf16, used automatically when the run's precision is bf16. bf16 logits carry a rounding of
+    up to 2^-9 of their magnitude, so two exact but differently batched forwards (a one-token decode step and a
+    replay chunk) already differ by a measurable amount: on CPU, max |replay - rollout| over 192 sampled tokens was
+    up to 0.39 on SmolLM2-135M-Instruct and 0.016 on the tiny random models (``docs/method.md``, "Precision"). A
+    replay that feeds the wrong context or state is off by whole nats; this bound keeps that apart from rounding."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     objective: Literal["grpo", "sft", "distill"] = "grpo"
@@ -167,6 +173,8 @@ class TrainConfig:
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         check_range("train.threads", self.threads, 0)
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
+        check_range("train.replay_tolerance", self.replay_tolerance, 0.0)
+        check_range("train.replay_tolerance_bf16", self.replay_tolerance_bf16, 0.0)
         if self.rollout_batch % self.micro_batch:
             raise ValueError(f"params: `train.rollout_batch` = {self.rollout_batch} is not a multiple of "
                              f"`train.micro_batch` = {self.micro_batch}; make it one.")

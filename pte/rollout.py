@@ -26,7 +26,8 @@ from pte.adapters import find_pte
 from pte.cache import BoundedCache, CachePlan, plan_cache
 from pte.config import CacheConfig, SamplingConfig
 
-__all__ = ["Rollout", "format_mask", "generate", "model_forward", "pad_rollout", "sample_tokens"]
+__all__ = ["Rollout", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout", "sample_tokens",
+           "shared_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,31 @@ def sampling_candidates(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple
     return top.masked_fill(remove, float("-inf")), idx
 
 
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of ``probs`` by inverting its CDF at ``uniform``.
+
+    Args:
+        probs: ``[B, K]`` non-negative weights per row (need not sum to 1; zero entries are never picked).
+        uniform: ``[B]`` draws in ``[0, 1)``.
+
+    Returns:
+        ``[B]`` long: the first index whose cumulative weight exceeds ``uniform * total``, so index i is picked with
+        probability ``probs[i] / total``. The CDF is accumulated in fp64: over a 150k-token vocabulary an fp32 sum
+        would distort tokens below ~1e-7, and since ``uniform < 1`` the target stays strictly below the total.
+    """
+    cdf = probs.double().cumsum(-1)  # [B, K]
+    target = uniform.double().unsqueeze(-1) * cdf[:, -1:]  # [B, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token of every row.
+
+    Random stream: a sampling step draws exactly one fp64 uniform per row from ``generator``
+    (``torch.rand(B, dtype=float64)``) and inverts the CDF of the row's (top-k / top-p filtered) distribution at it,
+    whatever the vocabulary size or the filters; greedy draws nothing. ``torch.multinomial`` instead draws an
+    exponential per vocabulary entry (``[B, V]`` noise per step) for one token.
 
     Args:
         logits: ``[B, V]`` float32.
@@ -159,13 +182,29 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     else:
         scaled = logits / cfg.temperature
         logp = torch.log_softmax(scaled, -1)
+        u = torch.rand(logits.shape[0], dtype=torch.float64, device=logits.device, generator=generator)  # [B]
         cand = sampling_candidates(scaled, cfg.top_k, cfg.top_p)
         if cand is None:
-            tokens = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+            tokens = inverse_cdf(logp.exp(), u)
         else:
-            pick = torch.multinomial(cand[0].softmax(-1), 1, generator=generator)
-            tokens = cand[1].gather(-1, pick).squeeze(-1)
+            pick = inverse_cdf(cand[0].softmax(-1), u)
+            tokens = cand[1].gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompt rows (GRPO groups, evaluation samples), to prefill each run once.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
+
+    Returns:
+        ``first`` ``[U]``: the first row of each run; ``index`` ``[B]``: the run of every row (``first[index]`` is the
+        row whose prefill row b copies).
+    """
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)  # [B-1]
+    starts = torch.cat([same.new_ones(1), ~same])  # [B] a run begins
+    return starts.nonzero().squeeze(-1), starts.long().cumsum(0) - 1
 
 
 def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
@@ -184,7 +223,8 @@ def _check_context(model: nn.Module, prompt_len: int, max_new_tokens: int) -> No
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache_cfg: CacheConfig,
              sampling: SamplingConfig, eos_token_ids: list[int] | tuple[int, ...], pad_token_id: int,
-             generator: torch.Generator | None = None, progress: bool = False, sync_ranks: bool = False) -> Rollout:
+             generator: torch.Generator | None = None, progress: bool = False, sync_ranks: bool = False,
+             share_prompts: bool = True, static_cache: bool = True) -> Rollout:
     """Sample continuations of a left-padded prompt batch under the bounded cache.
 
     Args:
@@ -200,6 +240,14 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
             DeepSpeed ZeRO-3, which gathers the partitioned weights inside every forward). Costs one scalar
             all-reduce per token. Without a process group, or with one rank, it changes nothing. The returned
             rollout is cut at this rank's longest row either way; training pads it to the longest of all ranks.
+        share_prompts: prefill each run of identical consecutive prompt rows once and copy its cache and logits to
+            the run's rows (:func:`shared_prompts`): a GRPO group of G rows costs one prompt forward, not G. The
+            rows then decode as before (the PTE state before any event is the same for every row), so tokens and
+            log-probs equal the unshared path's (bit for bit on CPU, tested; a GPU may pick other kernels for the
+            smaller prefill batch, within rounding); False prefills every row.
+        static_cache: with a bounded window, decode into preallocated ``P + W``-slot buffers written and evicted in
+            place (:class:`pte.cache.SlotLayer`) instead of a ``DynamicCache`` that concatenates every step; same
+            tokens and log-probs up to rounding (tested against the dynamic path through eviction events).
 
     Returns:
         A :class:`Rollout`.
@@ -209,11 +257,11 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         raise ValueError("every prompt needs at least one token")
     _check_context(model, p, sampling.max_new_tokens)
     plan = plan_cache(cache_cfg, p)
-    cache = BoundedCache(plan, prompt_mask)
+    cache = BoundedCache(plan, prompt_mask, static=static_cache)
     pte = find_pte(model)
     device = prompt_ids.device
     eos = torch.tensor(list(eos_token_ids), device=device)
-    padded = bool((prompt_mask == 0).any())
+    padded = bool((prompt_mask == 0).any()) or cache.static  # a static cache always hides its unused slots
     n_max = sampling.max_new_tokens
     sync = sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() and (
         torch.distributed.get_world_size() > 1)
@@ -225,10 +273,22 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     evictions = torch.zeros(bsz, dtype=torch.long, device=device)
     events: list[int] = []
 
-    if pte is not None:
-        pte.begin(bsz)
+    first, index = shared_prompts(prompt_ids, prompt_mask) if share_prompts and bsz > 1 else (None, None)
+    if first is not None and len(first) == bsz:
+        first = None  # every prompt differs: nothing to share
     try:
-        logits = model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1)
+        if first is None:
+            if pte is not None:
+                pte.begin(bsz)
+            logits = model_forward(model, cache, prompt_ids, cache.prompt_positions, cache.prefill_mask(), 1)
+        else:
+            if pte is not None:
+                pte.begin(len(first))  # Normalize(S_g) for the prefilled rows; every row starts from the same state
+            logits = model_forward(model, cache, prompt_ids[first], cache.prompt_positions[first],
+                                   cache.prefill_mask()[first], 1)[index]
+            cache.broadcast_rows(index)
+            if pte is not None:
+                pte.begin(bsz)
         from tqdm.auto import tqdm
 
         steps = tqdm(range(n_max), desc="generate", unit="tok", disable=not progress, leave=False)

@@ -9,7 +9,9 @@ Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
   with ``K_e`` un-rotated to pre-RoPE keys and KV heads flattened (``d_kv = H_kv * D``);
 * ``S = Normalize(S_g + sum_e S'_e)`` (row-wise L2 over r); ``recursive`` uses ``S <- Normalize(S + S'_e)``.
 
-No softmax: the paper's form is linear. Evicted K/V enter detached. The pure functions below are the
+No softmax: the paper's form is linear. Evicted K/V enter detached. The state math runs in fp32 whatever the
+model's dtype: the encoder's parameters are cast at use, because DeepSpeed's bf16 mode casts the whole module,
+encoder included (``docs/method.md``, "Precision"). The pure functions below are the
 math; :class:`ThoughtEncoder` holds the trainable parameters and :class:`ThoughtState` the per-batch
 running state. This module knows nothing about caches or sampling; it only needs the model's layers.
 """
@@ -132,17 +134,17 @@ class ThoughtEncoder(nn.Module):
             k = _base(attn.k_proj)(x)
             v = _base(attn.v_proj)(x)
             q, k = _head_norm(attn, "q_norm", q), _head_norm(attn, "k_norm", k)
-            qa = q.float() @ self.wa_q[i]
+            qa = q.float() @ self.wa_q[i].float()
             qas.append(qa)
             if self.cfg.use_global_state:
-                sgs.append(global_state(qa, k.float() @ self.wa_k[i], v.float() @ self.wa_v[i]))
+                sgs.append(global_state(qa, k.float() @ self.wa_k[i].float(), v.float() @ self.wa_v[i].float()))
             else:
                 sgs.append(torch.zeros_like(qa))
         return torch.stack(qas), torch.stack(sgs)
 
     def project_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[L, B, m, d_kv]`` pre-RoPE keys / values -> ``[L, B, m, r]`` each (fp32)."""
-        return keys.float() @ self.wa_k.unsqueeze(1), values.float() @ self.wa_v.unsqueeze(1)
+        return keys.float() @ self.wa_k.float().unsqueeze(1), values.float() @ self.wa_v.float().unsqueeze(1)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -232,7 +234,7 @@ class SegmentState:
             self.kv_sum = keep * kv if self.kv_sum is None else self.kv_sum + keep * kv
 
     def _events_term(self, qa: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        wa_k, wa_v = self.encoder.wa_k.unsqueeze(1), self.encoder.wa_v.unsqueeze(1)  # [L, 1, d_kv, r]
+        wa_k, wa_v = self.encoder.wa_k.float().unsqueeze(1), self.encoder.wa_v.float().unsqueeze(1)  # [L, 1, d_kv, r]
         return qa.unsqueeze(1) @ (wa_k.transpose(-1, -2) @ kv @ wa_v) / math.sqrt(qa.shape[-1])
 
     def build(self) -> torch.Tensor:

@@ -307,13 +307,21 @@ class Trainer:
         """The largest |replay - rollout| log-prob gap over the ranks; raises on the checked step when it is too big."""
         # every rank takes the same decision (a lone raise would deadlock the others)
         max_diff = _all_reduce([max_diff], self.runtime.device, "max")[0]
-        if check and max_diff > self.params.train.replay_tolerance:
+        key, tolerance = self.replay_tolerance()
+        if check and max_diff > tolerance:
             raise ReplayMismatchError(
                 f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "
-                f"(> train.replay_tolerance = {self.params.train.replay_tolerance:g}); the bounded cache is not "
+                f"(> train.{key} = {tolerance:g}, precision {self.runtime.precision}); the bounded cache is not "
                 "reproduced in training. Use fp32 (train.precision: fp32) to check, and report the model family if "
                 "it persists.")
         return max_diff
+
+    def replay_tolerance(self) -> tuple[str, float]:
+        """``(setting, value)`` of the replay check's bound for this run's precision (bf16 rounds far more)."""
+        cfg = self.params.train
+        if self.runtime.precision == "bf16":
+            return "replay_tolerance_bf16", cfg.replay_tolerance_bf16
+        return "replay_tolerance", cfg.replay_tolerance
 
     def _backward(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
@@ -372,8 +380,10 @@ class Trainer:
 
     def _run_signature(self, params: dict) -> dict:
         """The settings a checkpoint must share to be resumed (the step budget and I/O cadence may change)."""
-        train = {k: v for k, v in params.get("train", {}).items()
-                 if k not in ("steps", "save_every", "keep_checkpoints", "threads", "methods")}
+        # the replay check only decides whether to stop; it changes no weight
+        ignored = ("steps", "save_every", "keep_checkpoints", "threads", "methods", "check_replay", "replay_tolerance",
+                   "replay_tolerance_bf16")
+        train = {k: v for k, v in params.get("train", {}).items() if k not in ignored}
         keep = ("base", "model", "cache", "adapter", "pte", "grpo")
         return {**{k: params.get(k) for k in keep}, "train": train}
 
