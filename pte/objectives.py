@@ -16,16 +16,20 @@ This module knows nothing about the optimiser, DeepSpeed or tracking; the traine
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from pte.adapters import adapters_disabled
 from pte.cache import BoundedCache, CachePlan
+from pte.grpo import GRPOLossConfig, GRPOStats, per_token_objective
 from pte.replay import shared_mask
 from pte.rollout import model_forward
 from pte.tasks import recall_spans
 
-__all__ = ["FullCacheTeacher", "completion_tokens", "jsd_loss", "recall_positions", "token_kl"]
+__all__ = ["ChunkTotals", "FullCacheTeacher", "SFTBatch", "completion_tokens", "distill_chunk", "grpo_chunk",
+           "jsd_loss", "recall_positions", "sft_batch", "sft_chunk", "token_kl"]
 
 
 def completion_tokens(tokenizer, solutions: list[str], eos_id: int, pad_id: int,
@@ -60,6 +64,95 @@ def recall_positions(tokenizer, problems: list[str], solutions: list[str], width
         for t, (lo, hi) in enumerate(offsets[:width]):
             out[b, t] = any(lo < e and s < hi for s, e in spans)
     return out
+
+
+@dataclass
+class ChunkTotals:
+    """What one optimizer step adds up over its replay chunks (the trainer logs it)."""
+
+    loss: float = 0.0
+    max_gap: float = 0.0  # largest |replay - rollout| log-prob gap, for the first-step check
+    stats: GRPOStats | None = None
+
+    def add(self, loss: torch.Tensor, gap: float, stats: GRPOStats | None = None) -> None:
+        self.loss += float(loss.detach())
+        self.max_gap = max(self.max_gap, gap)
+        if stats is not None:
+            self.stats = stats if self.stats is None else self.stats + stats
+
+
+def _gap(lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor) -> float:
+    valid = mask.bool()
+    return float((lp.detach() - old_lp).abs()[valid].max()) if valid.any() else 0.0
+
+
+def grpo_chunk(lp: torch.Tensor, old_lp: torch.Tensor, ref_lp: torch.Tensor | None, advantages: torch.Tensor,
+               mask: torch.Tensor, weights: torch.Tensor, cfg: GRPOLossConfig,
+               exact_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats, float]:
+    """The GRPO loss of one replay chunk (:func:`pte.grpo.per_token_objective` times the step's token weights).
+
+    Args:
+        lp, old_lp, ref_lp, mask, weights: ``[B, n]`` the chunk's columns (``ref_lp`` None without a k3 KL).
+        advantages: ``[B]``. exact_kl: ``[B, n]`` the exact KL per position (``grpo.kl_estimator: exact``) or None.
+
+    Returns:
+        ``(loss, stats, largest |replay - rollout| gap)``.
+    """
+    obj, stats = per_token_objective(lp, old_lp, ref_lp, advantages, mask, cfg, exact_kl=exact_kl)
+    return (obj * weights).sum(), stats, _gap(lp, old_lp, mask)
+
+
+@dataclass
+class SFTBatch:
+    """Prompts and reference completions of one ``sft`` step, laid out as a rollout."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    tokens: torch.Tensor  # [B, T] solution tokens + EOS, right-padded
+    mask: torch.Tensor  # [B, T] 1 up to and including EOS
+    recall: torch.Tensor  # [B, T] bool, tokens that write a recalled value
+
+
+def sft_batch(tokenizer, prompts: list[str], problems: list[str], solutions: list[str], system: str | None,
+              eos_id: int, device: torch.device | str = "cpu") -> SFTBatch:
+    """Encode an ``sft`` step: chat-templated prompts (as rollouts encode them) and their worked solutions."""
+    from pte.inference import encode_prompts
+
+    ids, pmask = encode_prompts(tokenizer, prompts, device=device, system=system)
+    tokens, mask = completion_tokens(tokenizer, solutions, eos_id, tokenizer.pad_token_id, device)
+    recall = recall_positions(tokenizer, problems, solutions, tokens.shape[1]).to(device)
+    return SFTBatch(ids, pmask, tokens, mask, recall)
+
+
+def sft_chunk(lp: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, recall: torch.Tensor,
+              num_tokens: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``sft`` loss of one replay chunk and its recall counts.
+
+    Args:
+        lp: ``[B, n]`` log-probs of the reference tokens. logits: ``[B, n, V]``. tokens, mask, recall: ``[B, n]``
+            the chunk's columns. num_tokens: valid tokens of the whole step (the loss is a token mean over it).
+
+    Returns:
+        ``loss`` (scalar, with graph) and ``[4]`` float64 sums: NLL, recall NLL, recall hits (argmax), recalls.
+    """
+    valid = mask.bool()
+    r = recall & valid
+    lp_d = lp.detach()
+    hits = (logits.detach().argmax(-1) == tokens)[r]
+    sums = torch.tensor([-float(lp_d[valid].sum()), -float(lp_d[r].sum()), float(hits.sum()), float(r.sum())],
+                        dtype=torch.float64)
+    return -(lp * valid).sum() / num_tokens, sums
+
+
+def distill_chunk(lp: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor, old_lp: torch.Tensor,
+                  mask: torch.Tensor, beta: float, num_tokens: float, temperature: float) -> tuple[torch.Tensor, float]:
+    """The ``distill`` loss of one replay chunk and its largest |replay - rollout| log-prob gap (for the check).
+
+    Args:
+        lp, old_lp: ``[B, n]`` replayed and rollout log-probs of the sampled tokens. logits, teacher_logits:
+            ``[B, n, V]``. mask: ``[B, n]``. beta, num_tokens, temperature: as :func:`jsd_loss`.
+    """
+    return jsd_loss(logits, teacher_logits, mask, beta, num_tokens, temperature), _gap(lp, old_lp, mask)
 
 
 def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,

@@ -93,11 +93,12 @@ def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], s
     return {"tf/nll": nll / n, "tf/recall_nll": r_nll / max(r_n, 1), "tf/recall_accuracy": r_hits / max(r_n, 1)}
 
 
-def varchain_probe(params, method: str, base: str, train_path: Path, eval_path: Path, out_dir: Path,
-                   eval_problems: int = 64, budgets: tuple[int | None, ...] = (140,)) -> dict[str, float]:
-    """Train ``method`` from ``base`` with ``params`` and measure recall on the first ``eval_problems`` eval rows."""
+def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir: Path,
+                   budgets: tuple[int | None, ...] = (140,)) -> dict[str, float]:
+    """Train ``method`` from ``base`` with ``params`` on ``rows`` and measure recall on the held-out rows ``ev``:
+    teacher-forced under the training cache, and greedy generation under each of ``budgets`` (may be empty)."""
     from pte.config import EvalConfig
-    from pte.data import format_prompt, read_jsonl
+    from pte.data import format_prompt
     from pte.evaluate import evaluate_policy
     from pte.inference import Generator
     from pte.stages import with_base
@@ -105,7 +106,6 @@ def varchain_probe(params, method: str, base: str, train_path: Path, eval_path: 
     from pte.train import train
 
     params = with_base(params, base)
-    rows = read_jsonl(train_path)
     t0 = time.perf_counter()
     if method != "base":
         train(params, method, [format_prompt(r.problem, params.data) for r in rows], [r.answer for r in rows],
@@ -113,12 +113,11 @@ def varchain_probe(params, method: str, base: str, train_path: Path, eval_path: 
               solutions=[worked_solution(r.source, r.problem) for r in rows])
     seconds = time.perf_counter() - t0
     gen = Generator.load(base, None if method == "base" else str(out_dir / "adapter"))
-    ev = read_jsonl(eval_path)[:eval_problems]
     tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in ev],
                                [format_prompt(r.problem, params.data) for r in ev],
                                [worked_solution(r.source, r.problem) for r in ev], params.cache,
                                params.data.system_prompt)
-    out = {**tf, "train_seconds": seconds}
+    out = {**tf, "train_seconds": seconds, "eval_problems": len(ev)}
     cfg = EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
                      max_new_tokens=params.grpo.max_completion_length, batch_size=64, bootstrap=1000,
                      allow_last_number=True)
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     var.add_argument("--base", default="models/warmstart")
     var.add_argument("--data", default="data")
     var.add_argument("--methods", nargs="+", default=["pte", "lora_c"])
-    var.add_argument("--eval-problems", type=int, default=64)
+    var.add_argument("--eval-size", type=int, default=128,
+                     help="held-out problems: data.eval's first source regenerated at this size, minus train problems")
+    var.add_argument("--budgets", nargs="*", default=["140"], help="generation budgets (null = full); none = skip")
     var.add_argument("--runs", default="runs/study")
     for p in (mech, var):
         p.add_argument("--set", action="append", default=[], help="key=value override (repeatable)")
@@ -188,14 +189,20 @@ def main(argv: list[str] | None = None) -> int:
             _record(out, row)
         return 0
     from pte.config import load_params
+    from pte.data import normalize_problem, read_jsonl
+    from pte.sources import load_source
 
     params = _override(load_params(args.params), sets)
     out = Path(args.out or "runs/study/varchain.jsonl")
+    rows = read_jsonl(Path(args.data) / "train.jsonl")
+    seen = {normalize_problem(r.problem) for r in rows}
+    spec = dataclasses.replace(params.data.eval[0], size=args.eval_size)
+    ev = [r for r in load_source(spec) if normalize_problem(r.problem) not in seen]
+    budgets = tuple(None if b == "null" else int(b) for b in args.budgets)
     for method in args.methods:
         name = f"varchain-{method}-{args.tag or int(time.time())}"
         tracker = _tracker("pte-study", name, {"study": "varchain", "method": method, "tag": args.tag})
-        res = varchain_probe(params, method, args.base, Path(args.data) / "train.jsonl",
-                             Path(args.data) / "eval.jsonl", Path(args.runs) / name, args.eval_problems)
+        res = varchain_probe(params, method, args.base, rows, ev, Path(args.runs) / name, budgets)
         tracker.log_params({"method": method, **{k: str(v) for k, v in sets.items()}})
         tracker.log_metrics({k: v for k, v in res.items() if v is not None}, 0)
         tracker.close()

@@ -35,10 +35,10 @@ from pte.adapters import (
 from pte.cache import CachePlan, plan_cache
 from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pte.config import CacheConfig, Params
-from pte.grpo import GRPOLossConfig, GRPOStats, group_advantages, per_token_objective, token_weights
+from pte.grpo import GRPOLossConfig, group_advantages, token_weights
 from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.models import load_model
-from pte.objectives import FullCacheTeacher, completion_tokens, jsd_loss, recall_positions, token_kl
+from pte.objectives import ChunkTotals, FullCacheTeacher, distill_chunk, grpo_chunk, sft_batch, sft_chunk, token_kl
 from pte.replay import replay_logprobs
 from pte.rollout import Rollout, generate, pad_rollout
 from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
@@ -206,68 +206,56 @@ class Trainer:
         tokens = sum(float(c.mask.sum()) for c in chunks)
         world = world_size()
         num_seq, num_tok = (x / world for x in _all_reduce([float(rows), tokens], dev))
-        stats: GRPOStats | None = None
-        loss_total, max_diff, offset = 0.0, 0.0, 0
+        totals, offset = ChunkTotals(), 0
+        exact = self.params.grpo.kl_estimator == "exact" and self.loss_cfg.beta > 0
         for out in chunks:
             weights = token_weights(out.mask, self.loss_cfg.loss_type, self.loss_cfg.max_completion_length,
                                     num_sequences=num_seq, num_tokens=num_tok)
             for m in range(0, out.tokens.shape[0], cfg.micro_batch):
                 sl = slice(m, m + cfg.micro_batch)
                 adv = advantages[offset + m : offset + m + out.tokens[sl].shape[0]].to(dev)
-                exact = self.params.grpo.kl_estimator == "exact" and self.loss_cfg.beta > 0
                 ref = None if exact else self._reference(out, sl)
                 teacher = FullCacheTeacher(self.model, out.prompt_ids[sl], out.prompt_mask[sl],
                                            out.tokens[sl]) if exact else None
-                old, mask, w = out.logprobs[sl], out.mask[sl], weights[sl]
 
-                def on_segment(cols, lp, logits=None, old=old, mask=mask, w=w, ref=ref, adv=adv, teacher=teacher):
-                    nonlocal stats, loss_total, max_diff
+                def on_segment(cols, lp, logits=None, sl=sl, out=out, w=weights, ref=ref, adv=adv, teacher=teacher):
                     kl = None if teacher is None else token_kl(logits, teacher.logits(cols), temp)
-                    obj, st = per_token_objective(lp, old[:, cols], None if ref is None else ref[:, cols], adv,
-                                                  mask[:, cols], self.loss_cfg, exact_kl=kl)
-                    loss = (obj * w[:, cols]).sum()
+                    loss, stats, gap = grpo_chunk(lp, out.logprobs[sl, cols], None if ref is None else ref[:, cols],
+                                                  adv, out.mask[sl, cols], w[sl, cols], self.loss_cfg, kl)
                     self._backward(loss)
-                    loss_total += float(loss.detach())
-                    stats = st if stats is None else stats + st
-                    if mask[:, cols].any():
-                        diff = (lp.detach() - old[:, cols]).abs()[mask[:, cols].bool()].max()
-                        max_diff = max(max_diff, float(diff))
+                    totals.add(loss, gap, stats)
 
-                replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], mask,
+                replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], out.mask[sl],
                                 out.plan, temp, on_segment=on_segment, with_logits=exact)
             offset += out.tokens.shape[0]
-        max_diff = self._check_replay(max_diff, check)
+        max_diff = self._check_replay(totals.max_gap, check)
         self.engine.step()
-        out = {"loss": loss_total, "replay/max_abs_diff": max_diff}
-        if stats is not None:
-            out.update(stats.as_dict())
-        return out
+        result = {"loss": totals.loss, "replay/max_abs_diff": max_diff}
+        if totals.stats is not None:
+            result.update(totals.stats.as_dict())
+        return result
 
     def _sft_update(self, rows: list[int]) -> dict[str, float]:
         """One step of teacher-forced NLL of the rows' worked solutions under the method's training cache."""
         cfg, dev, tok = self.params.train, self.runtime.device, self.tok
-        ids, pmask = encode_prompts(tok, [self.prompts[i] for i in rows], device=dev,
-                                    system=self.params.data.system_prompt)
-        sols = [self.solutions[i] for i in rows]
-        tokens, mask = completion_tokens(tok, sols, eos_ids(self.model, tok)[0], tok.pad_token_id, dev)
-        recall = recall_positions(tok, [self.problems[i] for i in rows], sols, tokens.shape[1]).to(dev)
-        plan = plan_cache(self.cache_cfg, ids.shape[1])
-        num_tok = _all_reduce([float(mask.sum())], dev)[0]
-        sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recall count
+        batch = sft_batch(tok, [self.prompts[i] for i in rows], [self.problems[i] for i in rows],
+                          [self.solutions[i] for i in rows], self.params.data.system_prompt,
+                          eos_ids(self.model, tok)[0], dev)
+        plan = plan_cache(self.cache_cfg, batch.prompt_ids.shape[1])
+        num_tok = _all_reduce([float(batch.mask.sum())], dev)[0]
+        sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recalls
 
         for m in range(0, len(rows), cfg.micro_batch):
             sl = slice(m, m + cfg.micro_batch)
 
             def on_segment(cols, lp, logits, sl=sl):
-                valid, r = mask[sl, cols].bool(), recall[sl, cols] & mask[sl, cols].bool()
-                loss = -(lp * valid).sum() / num_tok
+                loss, counts = sft_chunk(lp, logits, batch.tokens[sl, cols], batch.mask[sl, cols],
+                                         batch.recall[sl, cols], num_tok)
                 self._backward(loss)
-                hits = (logits.detach().argmax(-1) == tokens[sl, cols])[r]
-                sums.add_(torch.tensor([-float(lp.detach()[valid].sum()), -float(lp.detach()[r].sum()),
-                                        float(hits.sum()), float(r.sum())], dtype=torch.float64))
+                sums.add_(counts)
 
-            replay_logprobs(self.model, ids[sl], pmask[sl], tokens[sl], mask[sl], plan, 1.0, on_segment=on_segment,
-                            with_logits=True)
+            replay_logprobs(self.model, batch.prompt_ids[sl], batch.prompt_mask[sl], batch.tokens[sl],
+                            batch.mask[sl], plan, 1.0, on_segment=on_segment, with_logits=True)
         self.engine.step()
         nll, r_nll, r_hits, r_n = _all_reduce(sums.tolist(), dev)
         out = {"loss": nll / num_tok, "completions/mean_length": num_tok / max(1, len(rows) * world_size())}
@@ -280,27 +268,23 @@ class Trainer:
         cfg, dev, temp = self.params.train, self.runtime.device, self.params.grpo.temperature
         chunks = align_ranks(chunks, self.tok.pad_token_id, dev)
         num_tok = _all_reduce([sum(float(c.mask.sum()) for c in chunks)], dev)[0]
-        total, max_diff = 0.0, 0.0
+        totals = ChunkTotals()
         for out in chunks:
             for m in range(0, out.tokens.shape[0], cfg.micro_batch):
                 sl = slice(m, m + cfg.micro_batch)
                 teacher = FullCacheTeacher(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl])
 
                 def on_segment(cols, lp, logits, sl=sl, teacher=teacher, out=out):
-                    nonlocal total, max_diff
-                    valid = out.mask[sl, cols]
-                    loss = jsd_loss(logits, teacher.logits(cols), valid, cfg.distill_beta, num_tok, temp)
+                    loss, gap = distill_chunk(lp, logits, teacher.logits(cols), out.logprobs[sl, cols],
+                                              out.mask[sl, cols], cfg.distill_beta, num_tok, temp)
                     self._backward(loss)
-                    total += float(loss.detach())
-                    if valid.any():
-                        gap = (lp.detach() - out.logprobs[sl, cols]).abs()[valid.bool()]
-                        max_diff = max(max_diff, float(gap.max()))
+                    totals.add(loss, gap)
 
                 replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], out.mask[sl],
                                 out.plan, temp, on_segment=on_segment, with_logits=True)
-        self._check_replay(max_diff, check)
+        max_diff = self._check_replay(totals.max_gap, check)
         self.engine.step()
-        total = _all_reduce([total], dev)[0]
+        total = _all_reduce([totals.loss], dev)[0]
         return {"loss": total, "distill/divergence": total, "replay/max_abs_diff": max_diff}
 
     def _check_replay(self, max_diff: float, check: bool) -> float:
