@@ -1,0 +1,13 @@
+#!/bin/bash
+# The var_chain recall probes of docs/evaluation.md ("What makes the state learn"), every run in MLflow pte-study.
+# Needs the cpu-demo data and warm-started base: `dvc repro warmstart` first (about 10 minutes on 2 cores).
+# Each probe trains one method with the sft objective from models/warmstart, then measures on 128 held-out
+# problems: teacher-forced recall under the training cache, greedy answers and recalls under C = 140.
+set -u
+S="python -m pte.study varchain --out ${OUT:-runs/study/varchain.jsonl}"
+SFT="--set train.objective=sft --set train.prompts_per_step=8 --set train.rollout_batch=8 --set train.micro_batch=8
+     --set train.save_every=1000"
+$S --tag base --methods base --budgets 140 null
+$S --tag A-r8g8-lr2e-3-60 --methods pte lora_c $SFT --set train.steps=60 --set train.lr=0.002
+$S --tag C-noglobal-r8g8-lr2e-3-60 --methods pte_no_global $SFT --set train.steps=60 --set train.lr=0.002
+$S --tag D-noglobal-r8g8-lr3e-3-180 --methods pte_no_global $SFT --set train.steps=180 --set train.lr=0.003
