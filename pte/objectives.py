@@ -1,4 +1,5 @@
-"""Training objectives besides GRPO, through the same segment-wise replay (docs/method.md, "Objectives").
+"""The per-chunk losses of every training objective, all through the same segment-wise replay (docs/method.md,
+"Objectives"). ``grpo`` (the paper's Eq. 3) is :func:`grpo_chunk` over :mod:`pte.grpo`'s token objective; besides it:
 
 * ``sft``: teacher-forced NLL of a reference solution under the method's *training* cache. Every token sees exactly
   the context (prompt block + thinking window) and the thought state it would see while generating, so the state is
