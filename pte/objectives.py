@@ -25,8 +25,7 @@ from torch import nn
 from pte.adapters import adapters_disabled
 from pte.cache import BoundedCache, CachePlan
 from pte.grpo import GRPOLossConfig, GRPOStats, per_token_objective
-from pte.replay import shared_mask
-from pte.rollout import model_forward
+from pte.replay import chunk_logits
 from pte.tasks import recall_spans
 
 __all__ = ["ChunkTotals", "FullCacheTeacher", "SFTBatch", "completion_tokens", "distill_chunk", "grpo_chunk",
@@ -204,15 +203,8 @@ class FullCacheTeacher:
     def logits(self, cols: slice) -> torch.Tensor:
         if cols.start != self.next_col:
             raise RuntimeError(f"teacher chunks must be contiguous: expected column {self.next_col}, got {cols.start}")
-        out = []
         with adapters_disabled(self.model):
-            if cols.start == 0:
-                out.append(model_forward(self.model, self.cache, self.prompt_ids, self.cache.prompt_positions,
-                                         shared_mask(self.model, self.cache.prefill_mask()), 1))
-            a, b = max(cols.start - 1, 0), cols.stop - 1
-            if b > a:
-                pos = self.cache.positions_for(a, b - a)
-                out.append(model_forward(self.model, self.cache, self.tokens[:, a:b], pos,
-                                         shared_mask(self.model, self.cache.extend(pos))))
+            logits = chunk_logits(self.model, self.cache, self.prompt_ids, self.tokens, max(cols.start - 1, 0),
+                                  cols.stop - 1, first=cols.start == 0)
         self.next_col = cols.stop
-        return torch.cat(out, dim=1)
+        return logits

@@ -40,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from pte.adapters import METHODS, read_adapter_meta
 from pte.config import CacheConfig, RegistryConfig, SamplingConfig, TrackingConfig
 from pte.data import DataConfig, format_prompt
-from pte.tracking import clean_metrics, configure_http, ensure_experiment, run_context, unreachable_reason
+from pte.tracking import clean_metrics, ensure_experiment, require_reachable, run_context
 
 __all__ = ["CHALLENGER", "CHAMPION", "PTEPredictor", "load_champion", "package_policy", "register", "select_metric"]
 
@@ -314,15 +314,6 @@ def _scoped_uri(uri: str) -> Iterator[None]:
 _RETRY_REGISTER = "retry with `dvc repro register` or `pte register --params params.yaml`"
 
 
-def _require_reachable(uri: str, consequence: str, retry: str) -> None:
-    reason = unreachable_reason(uri)
-    if reason is not None:
-        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({reason}); {consequence}. Start the "
-                              f"server (or point tracking.tracking_uri / MLFLOW_TRACKING_URI at a running one) and "
-                              f"{retry}.")
-    configure_http(uri)
-
-
 def _by_alias(client: MlflowClient, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -439,8 +430,8 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
     artifacts, model_config = package_policy(adapter_dir, base_model, cfg.include_base_model, cache or CacheConfig(),
                                              sampling, dtype, seed, source, data)
     uri = tracking.resolved_uri()
-    _require_reachable(uri, "nothing was registered; the trained adapter and evaluation reports on disk are intact",
-                       _RETRY_REGISTER)
+    require_reachable(uri, "nothing was registered; the trained adapter and evaluation reports on disk are intact",
+                      _RETRY_REGISTER)
     tags = _version_tags(value, label, cfg, method, source, eval_metrics)
     with _scoped_uri(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -463,6 +454,6 @@ def load_champion(name: str, tracking_uri: str | None = None, model_config: dict
         ConnectionError: the tracking server is unreachable.
     """
     uri = tracking_uri or TrackingConfig().resolved_uri()
-    _require_reachable(uri, f"cannot load {name}@{CHAMPION}", "retry")
+    require_reachable(uri, f"cannot load {name}@{CHAMPION}", "retry")
     with _scoped_uri(uri):
         return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", model_config=model_config)

@@ -38,7 +38,7 @@ from pte.cache import BoundedCache, CachePlan, event_steps, slot_attention_mask
 from pte.rollout import format_mask, model_forward
 from pte.state import SegmentState
 
-__all__ = ["replay_chunks", "replay_logprobs", "segment_bounds", "shared_mask", "token_logprobs"]
+__all__ = ["chunk_logits", "replay_chunks", "replay_logprobs", "segment_bounds", "shared_mask", "token_logprobs"]
 
 
 def segment_bounds(plan: CachePlan, num_tokens: int) -> list[tuple[int, int]]:
@@ -72,6 +72,23 @@ def shared_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
         return mask
     dtype = next(model.parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def chunk_logits(model: nn.Module, cache: BoundedCache, prompt_ids: torch.Tensor, tokens: torch.Tensor, a: int,
+                 b: int, first: bool) -> torch.Tensor:
+    """Feed one replay chunk, generated tokens ``a .. b-1`` (after the prompt block when ``first``), into ``cache``.
+
+    Returns:
+        ``[B, n, V]`` logits predicting tokens ``a+1 .. b`` (and token 0 first when ``first``): ``n = b - a (+ 1)``.
+    """
+    logits = []
+    if first:
+        logits.append(model_forward(model, cache, prompt_ids, cache.prompt_positions,
+                                    shared_mask(model, cache.prefill_mask()), 1))
+    if b > a:
+        pos = cache.positions_for(a, b - a)
+        logits.append(model_forward(model, cache, tokens[:, a:b], pos, shared_mask(model, cache.extend(pos))))
+    return torch.cat(logits, dim=1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -187,15 +204,8 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
             if state is not None:
                 pte.bank.state = state
                 state.build()
-            logits = []
-            if k == 0:
-                logits.append(model_forward(model, cache, prompt_ids, cache.prompt_positions,
-                                            shared_mask(model, cache.prefill_mask()), 1))
-            if b > a:
-                pos = cache.positions_for(a, b - a)
-                logits.append(model_forward(model, cache, tokens[:, a:b], pos, shared_mask(model, cache.extend(pos))))
+            chunk = chunk_logits(model, cache, prompt_ids, tokens, a, b, first=k == 0)
             cols = slice(0 if k == 0 else a + 1, b + 1)
-            chunk = torch.cat(logits, dim=1)
             lp = token_logprobs(chunk, tokens[:, cols], temperature)
             if on_segment is not None:
                 on_segment(cols, lp, chunk) if with_logits else on_segment(cols, lp)

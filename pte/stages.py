@@ -79,14 +79,10 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     prompts = [format_prompt(r.problem, params.data) for r in rows]
     solutions = None
     if params.train.objective == "sft":
-        from pte.tasks import worked_solution
+        from pte.tasks import worked_solutions
 
-        solutions = [worked_solution(r.source, r.problem) for r in rows]
-        missing = [r.id for r, s in zip(rows, solutions, strict=True) if s is None]
-        if missing:
-            raise ValueError(f"train.objective = 'sft': no worked solution for {len(missing)} training row(s), e.g. "
-                             f"{missing[0]!r}; train on sources with a solution writer (var_chain, "
-                             "reasoning_gym:chain_sum) or use train.objective grpo or distill.")
+        solutions = worked_solutions(rows, "train.objective = 'sft'", "train on sources with a solution writer "
+                                     "(var_chain, reasoning_gym:chain_sum) or use train.objective grpo or distill.")
     # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
     tracker = make_tracker(params.tracking, run_name=f"train-{method}", tags={"method": method, "stage": "train"})
     try:

@@ -69,28 +69,30 @@ def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], s
     The tokens that write a recalled value are the ones an evicted thought must supply (:func:`recall_positions`).
     """
     from pte.cache import plan_cache
-    from pte.inference import encode_prompts, eos_ids
-    from pte.objectives import completion_tokens, recall_positions
+    from pte.inference import eos_ids
+    from pte.objectives import sft_batch, sft_chunk
     from pte.replay import replay_logprobs
 
-    sums = torch.zeros(5, dtype=torch.float64)  # nll, tokens, recall nll, recall hits, recalls
+    sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recalls (as sft counts them)
+    tokens_total = 0.0
     eos = eos_ids(model, tok)[0]
     for a in range(0, len(prompts), batch_size):
-        ids, pmask = encode_prompts(tok, prompts[a : a + batch_size], system=system)
-        tokens, mask = completion_tokens(tok, solutions[a : a + batch_size], eos, tok.pad_token_id)
-        recall = recall_positions(tok, problems[a : a + batch_size], solutions[a : a + batch_size], tokens.shape[1])
+        batch = sft_batch(tok, prompts[a : a + batch_size], problems[a : a + batch_size],
+                          solutions[a : a + batch_size], system, eos)
+        tokens_total += float(batch.mask.sum())
 
-        def on_segment(cols, lp, logits, tokens=tokens, mask=mask, recall=recall):
-            valid = mask[:, cols].bool()
-            r = recall[:, cols] & valid
-            hits = (logits.argmax(-1) == tokens[:, cols])[r]
-            sums.add_(torch.tensor([-float(lp[valid].sum()), float(valid.sum()), -float(lp[r].sum()),
-                                    float(hits.sum()), float(r.sum())], dtype=torch.float64))
+        def on_segment(cols, lp, logits, batch=batch):
+            sums.add_(sft_chunk(lp, logits, batch.tokens[:, cols], batch.mask[:, cols], batch.recall[:, cols], 1.0)[1])
 
-        replay_logprobs(model, ids, pmask, tokens, mask, plan_cache(cache_cfg, ids.shape[1]), 1.0,
-                        on_segment=on_segment, with_logits=True)
-    nll, n, r_nll, r_hits, r_n = sums.tolist()
-    return {"tf/nll": nll / n, "tf/recall_nll": r_nll / max(r_n, 1), "tf/recall_accuracy": r_hits / max(r_n, 1)}
+        replay_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask,
+                        plan_cache(cache_cfg, batch.prompt_ids.shape[1]), 1.0, on_segment=on_segment,
+                        with_logits=True)
+    nll, r_nll, r_hits, r_n = sums.tolist()
+    return {"tf/nll": nll / tokens_total, "tf/recall_nll": r_nll / max(r_n, 1),
+            "tf/recall_accuracy": r_hits / max(r_n, 1)}
+
+
+_NEEDS = "the probe needs var_chain (or reasoning_gym:chain_sum) rows in data.train and data.eval."
 
 
 def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir: Path,
@@ -99,10 +101,10 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
     teacher-forced under the training cache, and greedy generation under each of ``budgets`` (may be empty)."""
     from pte.config import EvalConfig
     from pte.data import format_prompt
-    from pte.evaluate import evaluate_policy
+    from pte.evaluate import budget_label, evaluate_policy
     from pte.inference import Generator
     from pte.stages import with_base
-    from pte.tasks import worked_solution
+    from pte.tasks import worked_solutions
     from pte.train import train
 
     params = with_base(params, base)
@@ -110,12 +112,12 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
     if method != "base":
         train(params, method, [format_prompt(r.problem, params.data) for r in rows], [r.answer for r in rows],
               out_dir, resume=False, progress=True, problems=[r.problem for r in rows],
-              solutions=[worked_solution(r.source, r.problem) for r in rows])
+              solutions=worked_solutions(rows, "varchain probe", _NEEDS))
     seconds = time.perf_counter() - t0
     gen = Generator.load(base, None if method == "base" else str(out_dir / "adapter"))
     tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in ev],
                                [format_prompt(r.problem, params.data) for r in ev],
-                               [worked_solution(r.source, r.problem) for r in ev], params.cache,
+                               worked_solutions(ev, "varchain probe", _NEEDS), params.cache,
                                params.data.system_prompt)
     out = {**tf, "train_seconds": seconds, "eval_problems": len(ev)}
     cfg = EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
@@ -123,7 +125,7 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
                      allow_last_number=True)
     for budget in budgets:
         m, _ = evaluate_policy(gen, ev, budget, cfg, params.data, params.base.seed, progress=False)
-        label = "full" if budget is None else str(budget)
+        label = budget_label(budget)
         out.update({f"gen/{label}/accuracy": m["accuracy"], f"gen/{label}/accuracy_ci_low": m["accuracy_ci_low"],
                     f"gen/{label}/accuracy_ci_high": m["accuracy_ci_high"],
                     f"gen/{label}/recall_accuracy": m["recall_accuracy"]})

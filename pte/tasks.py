@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 __all__ = ["TASKS", "Recall", "VarChainConfig", "evaluate_program", "recall_score", "recall_spans", "recalls",
            "var_chain",
-           "worked_solution"]
+           "worked_solution", "worked_solutions"]
 
 _HEADER = "Run the program and give the final value of {var}."
 _STATEMENT_RE = re.compile(r"^([a-z])=([a-z0-9])([+-])([a-z0-9])$")
@@ -239,6 +239,22 @@ def worked_solution(source: str, problem: str) -> str | None:
     if source == "reasoning_gym:chain_sum":
         return _chain_sum_solution(problem)
     return None
+
+
+def worked_solutions(rows, where: str, fix: str) -> list[str]:
+    """:func:`worked_solution` of every row (anything with ``id``, ``source``, ``problem``).
+
+    Raises:
+        ValueError: a row's source has no solution writer: ``"<where>: no worked solution for row '<id>' (source
+            '<source>'); <fix>"``.
+    """
+    solutions = []
+    for r in rows:
+        solution = worked_solution(r.source, r.problem)
+        if solution is None:
+            raise ValueError(f"{where}: no worked solution for row {r.id!r} (source {r.source!r}); {fix}")
+        solutions.append(solution)
+    return solutions
 
 
 TASKS = {"var_chain": (VarChainConfig, var_chain)}

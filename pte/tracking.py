@@ -44,6 +44,7 @@ __all__ = [
     "make_tracker",
     "read_metrics",
     "read_run",
+    "require_reachable",
     "run_context",
     "sync_run",
     "unreachable_reason",
@@ -255,6 +256,17 @@ def _context_tags(root: str | Path | None = None) -> dict[str, str]:
     if ctx["dvc_lock_sha256"]:
         tags["dvc_lock_sha256"] = ctx["dvc_lock_sha256"]
     return tags
+
+
+def require_reachable(uri: str, consequence: str, retry: str,
+                      where: str = "tracking.tracking_uri / MLFLOW_TRACKING_URI") -> None:
+    """Raise a ``ConnectionError`` saying ``consequence`` and how to ``retry`` when the server at ``uri`` is down
+    (a fast probe, no MLflow retries); otherwise configure MLflow's HTTP timeouts for it."""
+    reason = unreachable_reason(uri)
+    if reason is not None:
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({reason}); {consequence}. Start the "
+                              f"server (or point {where} at a running one) and {retry}.")
+    configure_http(uri)
 
 
 def configure_http(uri: str) -> None:
@@ -503,12 +515,8 @@ def sync_run(path: str | Path, cfg: TrackingConfig, run_name: str | None = None)
         raise ValueError(f"{file} holds no per-step metrics; nothing to sync.")
     sync_id = _sync_id(params, tags, rows)
     uri = cfg.resolved_uri()
-    reason = unreachable_reason(uri)
-    if reason is not None:
-        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({reason}); nothing was synced and "
-                              f"{file} is intact. Start the server (or pass --tracking-uri) and run `pte tracking "
-                              f"sync {path}` again.")
-    configure_http(uri)
+    require_reachable(uri, f"nothing was synced and {file} is intact", f"run `pte tracking sync {path}` again",
+                      where="--tracking-uri")
     client = MlflowClient(tracking_uri=uri)
     exp_id = ensure_experiment(client, cfg.experiment, cfg.resolved_artifact_location(uri))
     result = {"sync_id": sync_id, "steps": len(rows), "tracking_uri": uri, "experiment": cfg.experiment}

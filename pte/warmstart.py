@@ -24,7 +24,7 @@ from typing import Any
 
 from pte.config import WarmstartConfig
 from pte.data import DataConfig, Row, chat_messages
-from pte.tasks import worked_solution
+from pte.tasks import worked_solutions
 
 __all__ = ["DISABLED_MARKER", "resolve_base", "sft_examples", "warmstart", "write_disabled"]
 
@@ -40,15 +40,10 @@ def sft_examples(rows: Sequence[Row], data_cfg: DataConfig) -> list[dict[str, li
     Raises:
         ValueError: a row's source has no worked-solution writer (the message names the sources that have one).
     """
-    examples = []
-    for row in rows:
-        solution = worked_solution(row.source, row.problem)
-        if solution is None:
-            raise ValueError(f"warmstart: no worked solution for row {row.id!r} (source {row.source!r}); "
-                             "`data.warmstart` may list only var_chain and reasoning_gym:chain_sum sources.")
-        examples.append({"prompt": chat_messages(row.problem, data_cfg),
-                         "completion": [{"role": "assistant", "content": solution}]})
-    return examples
+    solutions = worked_solutions(rows, "warmstart", "`data.warmstart` may list only var_chain and "
+                                 "reasoning_gym:chain_sum sources.")
+    return [{"prompt": chat_messages(row.problem, data_cfg), "completion": [{"role": "assistant", "content": s}]}
+            for row, s in zip(rows, solutions, strict=True)]
 
 
 def resolve_base(base: str | Path | None, warm: str | Path | None) -> str | None:
