@@ -136,9 +136,17 @@ class PTEConfig:
     """False = the #Global-0 ablation: the S_g term is dropped (S starts at 0)."""
     eps: float = 1e-6
     """Epsilon of the row-wise L2 normalisation."""
+    write_gate: bool = False
+    """Not the paper: a learned per-token write gate ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)`` scales each evicted
+    token's term in the event state, so the state can store the few tokens that matter instead of every token
+    equally (docs/method.md, "Write gate")."""
+    gate_horizon: int = 16
+    """With ``write_gate``: the replay recomputes the gates of the last ``gate_horizon`` events with gradient and folds
+    older events in detached (truncated backpropagation; the replay keeps that many events' K/V, a bounded cost)."""
 
     def __post_init__(self) -> None:
         check_range("pte.global_tokens", self.global_tokens, 1)
+        check_range("pte.gate_horizon", self.gate_horizon, 1)
         check_range("pte.eps", self.eps, 0.0, lo_open=True)
 
 

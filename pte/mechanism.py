@@ -50,6 +50,11 @@ class MechanismConfig:
     pairs: int = 1
     """1: the plain task above. p > 1: associative recall, ``[K_1 V_1 .. K_p V_p, fillers, SEP, K_q, V_q]``: p
     key/value pairs (fixed keys, random values) are evicted, a random key is asked, its value must be recalled."""
+    distractors: bool = False
+    """Fillers drawn at random from the symbols instead of fixed: every evicted token then carries content, as in
+    a real thought, and the state must keep the one value that is asked for among them. Uses the keyed form
+    (``[K_1 V_1 .. , fillers, SEP, K_q, V_q]`` also for one pair), since a position-free state cannot tell the
+    first of several random symbols from the others."""
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
@@ -86,10 +91,14 @@ _BOS, _SYMBOL0, _FILLER0, _SEP, _KEY0 = 1, 65, 97, 58, 48  # byte ids: '"', 'A'.
 
 def recall_batch(cfg: MechanismConfig, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_ids [rows, 1], tokens [rows, T])``: ``[BOS] | [X, f_1..f_n, SEP, X]`` with X random (T = n + 3), or
-    with ``pairs = p > 1`` ``[BOS] | [K_1 V_1 .. K_p V_p, f_1..f_n, SEP, K_q, V_q]`` (T = 2p + n + 3)."""
-    fill = (torch.arange(cfg.fillers) % 26 + _FILLER0).expand(rows, -1)
+    with ``pairs = p > 1`` or ``distractors`` ``[BOS] | [K_1 V_1 .. K_p V_p, f_1..f_n, SEP, K_q, V_q]``
+    (T = 2p + n + 3)."""
+    if cfg.distractors:
+        fill = torch.randint(0, cfg.num_symbols, (rows, cfg.fillers), generator=generator) + _SYMBOL0
+    else:
+        fill = (torch.arange(cfg.fillers) % 26 + _FILLER0).expand(rows, -1)
     sep = torch.full((rows, 1), _SEP)
-    if cfg.pairs == 1:
+    if cfg.pairs == 1 and not cfg.distractors:
         x = torch.randint(0, cfg.num_symbols, (rows, 1), generator=generator) + _SYMBOL0
         return torch.full((rows, 1), _BOS), torch.cat([x, fill, sep, x], dim=1)
     values = torch.randint(0, cfg.num_symbols, (rows, cfg.pairs), generator=generator) + _SYMBOL0

@@ -7,7 +7,9 @@ Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
 * ``S_g = (q_g Wa_Q)(k_g Wa_K)^T (v_g Wa_V) / (sqrt(r) G)``                     (global state)
 * ``S'_e = (q_g Wa_Q)(K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)`` for m evicted tokens  (event state)
   with ``K_e`` un-rotated to pre-RoPE keys and KV heads flattened (``d_kv = H_kv * D``);
-* ``S = Normalize(S_g + sum_e S'_e)`` (row-wise L2 over r); ``recursive`` uses ``S <- Normalize(S + S'_e)``.
+* ``S = Normalize(S_g + sum_e S'_e)`` (row-wise L2 over r); ``recursive`` uses ``S <- Normalize(S + S'_e)``;
+* with ``pte.write_gate`` (not the paper) each evicted token's term is scaled by a learned gate
+  ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)``: ``S'_e = (q_g Wa_Q)(diag(beta) K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)``.
 
 No softmax: the paper's form is linear. Evicted K/V enter detached. The state math runs in fp32 whatever the
 model's dtype: the encoder's parameters are cast at use, because DeepSpeed's bf16 mode casts the whole module,
@@ -114,6 +116,9 @@ class ThoughtEncoder(nn.Module):
         self.wa_q = nn.Parameter(torch.randn(num_layers, d_q, rank) / math.sqrt(d_q))
         self.wa_k = nn.Parameter(torch.randn(num_layers, d_kv, rank) / math.sqrt(d_kv))
         self.wa_v = nn.Parameter(torch.randn(num_layers, d_kv, rank) / math.sqrt(d_kv))
+        if cfg.write_gate:  # zeros: every gate starts at 1/2, the paper's form up to the scale of the event terms
+            self.gate_w = nn.Parameter(torch.zeros(num_layers, 2 * d_kv))
+            self.gate_b = nn.Parameter(torch.zeros(num_layers))
 
     def project_globals(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """Global queries and state through each layer's frozen norm and projections.
@@ -142,9 +147,24 @@ class ThoughtEncoder(nn.Module):
                 sgs.append(torch.zeros_like(qa))
         return torch.stack(qas), torch.stack(sgs)
 
+    def gates(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Write gates ``beta = sigmoid(w_l . [k; v] + b_l)`` of evicted tokens.
+
+        ``[L, B, m, d_kv]`` pre-RoPE keys and values -> ``[L, B, m]`` (fp32); ones when ``write_gate`` is off.
+        """
+        if not self.cfg.write_gate:
+            return torch.ones(keys.shape[:-1], device=keys.device)
+        d = keys.shape[-1]
+        w, b = self.gate_w.float(), self.gate_b.float()
+        logits = keys.float() @ w[:, None, :d, None] + values.float() @ w[:, None, d:, None]  # [L, B, m, 1]
+        return torch.sigmoid(logits[..., 0] + b[:, None, None])
+
     def project_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[L, B, m, d_kv]`` pre-RoPE keys / values -> ``[L, B, m, r]`` each (fp32)."""
-        return keys.float() @ self.wa_k.float().unsqueeze(1), values.float() @ self.wa_v.float().unsqueeze(1)
+        """``[L, B, m, d_kv]`` pre-RoPE keys / values -> ``[L, B, m, r]`` each (fp32); keys carry the write gates."""
+        ke = keys.float() @ self.wa_k.float().unsqueeze(1)
+        if self.cfg.write_gate:
+            ke = ke * self.gates(keys, values).unsqueeze(-1)
+        return ke, values.float() @ self.wa_v.float().unsqueeze(1)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -208,7 +228,9 @@ class SegmentState:
     the detached ``sum_e K_e^T V_e / m`` (``[L, B, d_kv, d_kv]``, constant in the sequence length) lets each segment
     build ``S^(k)`` in a fresh, tiny autograd graph, so segment-wise backward never has to retain an earlier graph
     and gradients still reach ``h_g`` and ``Wa_*`` through every event. The ``recursive`` form is not linear; there
-    ``S^(k-1)`` enters detached (truncated backpropagation through the state chain).
+    ``S^(k-1)`` enters detached (truncated backpropagation through the state chain). With ``write_gate`` the sum is no
+    longer linear in the parameters: the last ``gate_horizon`` events keep their K/V and are recomputed with gradient
+    in every segment, older ones are folded into the detached sum with the gates they had.
 
     Args:
         encoder: the thought encoder. layers: the model's decoder layers. batch_size: B. cfg: the PTE settings.
@@ -217,7 +239,8 @@ class SegmentState:
     def __init__(self, encoder: ThoughtEncoder, layers, batch_size: int, cfg: PTEConfig):
         self.encoder, self.layers, self.batch_size, self.cfg = encoder, layers, batch_size, cfg
         self.kv_sum: torch.Tensor | None = None  # [L, B, d_kv, d_kv] fp32, detached
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # recursive: (K^T V / m, active) of the new event
+        self.recent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # write_gate: (K, V, keep) per event
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # recursive: (K, V, keep), new event
         self.previous: torch.Tensor | None = None  # recursive: S^(k-1), detached
         self.current: torch.Tensor | None = None  # [L, B, G, r] the state in use
 
@@ -225,29 +248,61 @@ class SegmentState:
         """Record one event from pre-RoPE ``keys``/``values`` ``[L, B, m, d_kv]`` (rows not ``active`` are skipped)."""
         if not self.cfg.event_updates:
             return
-        kv = keys.float().transpose(-1, -2) @ values.float() / keys.shape[-2]  # [L, B, d_kv, d_kv]
-        keep = active.view(1, -1, 1, 1).to(kv.dtype)
+        keys, values = keys.float(), values.float()
+        keep = active.view(1, -1, 1, 1).float()
         if self.cfg.normalize == "recursive":
             self.previous = None if self.current is None else self.current.detach()
-            self.last = (kv, keep)
+            self.last = (keys, values, keep)
+        elif self.cfg.write_gate:
+            self.recent.append((keys, values, keep))
+            if len(self.recent) > self.cfg.gate_horizon:
+                with torch.no_grad():
+                    self._fold(self._kv(*self.recent.pop(0)))
         else:
-            self.kv_sum = keep * kv if self.kv_sum is None else self.kv_sum + keep * kv
+            self._fold(self._kv(keys, values, keep))
+
+    def _kv(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``keep * (diag(beta) K)^T V / m`` of one event: ``[L, B, d_kv, d_kv]`` (beta = 1 without a write gate)."""
+        if self.cfg.write_gate:
+            keys = keys * self.encoder.gates(keys, values).unsqueeze(-1)
+        return keep * (keys.transpose(-1, -2) @ values) / keys.shape[-2]
+
+    def _fold(self, kv: torch.Tensor) -> None:
+        self.kv_sum = kv if self.kv_sum is None else self.kv_sum + kv
 
     def _events_term(self, qa: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """``qa Wa_K^T kv Wa_V / sqrt(r)`` for a (sum of) ``[L, B, d_kv, d_kv]`` event products: ``[L, B, G, r]``."""
         wa_k, wa_v = self.encoder.wa_k.float().unsqueeze(1), self.encoder.wa_v.float().unsqueeze(1)  # [L, 1, d_kv, r]
         return qa.unsqueeze(1) @ (wa_k.transpose(-1, -2) @ kv @ wa_v) / math.sqrt(qa.shape[-1])
+
+    def _event_term(self, qa: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    keep: torch.Tensor) -> torch.Tensor:
+        """One event's term from its K/V, projected to rank r first (gates included): ``[L, B, G, r]``."""
+        ke, ve = self.encoder.project_evicted(keys, values)  # [L, B, m, r]
+        return keep * event_state(qa, ke, ve)
 
     def build(self) -> torch.Tensor:
         """Compute the state of the coming segment from the parameters; returns (and stores) ``[L, B, G, r]``."""
         qa, s_global = self.encoder.project_globals(self.layers)
         base = s_global.unsqueeze(1).expand(-1, self.batch_size, -1, -1)
         if self.cfg.normalize == "recursive" and self.last is not None:
-            kv, keep = self.last
+            keys, values, keep = self.last
             prev = self.previous if self.previous is not None else normalize_rows(base, self.cfg.eps).detach()
-            new = normalize_rows(prev + self._events_term(qa, kv), self.cfg.eps)
+            new = normalize_rows(prev + self._event_term(qa, keys, values, torch.ones_like(keep)), self.cfg.eps)
             self.current = keep * new + (1 - keep) * prev
-        elif self.cfg.normalize == "recursive" or self.kv_sum is None:
+            return self.current
+        terms = [] if self.kv_sum is None else [self._events_term(qa, self.kv_sum)]
+        terms += [self._event_term(qa, *event) for event in self.recent]  # write_gate: recent gates, with gradient
+        if self.cfg.normalize == "recursive" or not terms:
             self.current = normalize_rows(base, self.cfg.eps)
         else:
-            self.current = normalize_rows(base + self._events_term(qa, self.kv_sum), self.cfg.eps)
+            self.current = normalize_rows(base + sum(terms), self.cfg.eps)
+        return self.current
+        kv = self.kv_sum
+        for event in self.recent:  # write_gate: the gates of recent events, with gradient
+            kv = self._kv(*event) if kv is None else kv + self._kv(*event)
+        if self.cfg.normalize == "recursive" or kv is None:
+            self.current = normalize_rows(base, self.cfg.eps)
+        else:
+            self.current = normalize_rows(base + self._events_term(qa, kv), self.cfg.eps)
         return self.current

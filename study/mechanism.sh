@@ -9,3 +9,19 @@ $S --tag pairs2-r32g32 --methods pte --set steps=300 --set pairs=2 --set fillers
 $S --tag pairs2-lr1e-2 --methods pte --set steps=300 --set pairs=2 --set fillers=6 --set lr=0.01
 $S --tag pairs2-recursive --methods pte --set steps=300 --set pairs=2 --set fillers=6 --set pte.normalize=recursive
 $S --tag pairs4 --methods lora pte pte_no_global --set steps=300 --set pairs=4 --set fillers=6
+# Distractors (2026-11-29, second study session): the fillers are random symbols, so every evicted token carries
+# content; one keyed pair must be recalled among them.
+for f in 6 16 32; do
+  $S --tag distract1-f$f --methods lora pte lora_c pte_no_global --set steps=300 --set distractors=true --set fillers=$f
+done
+# The write gate (pte.write_gate, not the paper): a learned per-token gate on the event terms.
+for f in 16 32; do
+  $S --tag distract1-f$f-gate --methods pte pte_no_global --set steps=300 --set distractors=true --set fillers=$f \
+     --set pte.write_gate=true
+done
+$S --tag distract1-f32-gate-h64 --methods pte_no_global pte --set steps=300 --set distractors=true --set fillers=32 \
+   --set pte.write_gate=true --set pte.gate_horizon=64
+# The same instrument on the real demo model (SmolLM2-135M warm-started; needs `dvc repro warmstart`).
+$S --tag smol-plain --methods pte --set steps=20 --set model=models/warmstart
+$S --tag smol-pairs4 --methods pte --set steps=60 --set pairs=4 --set fillers=6 --set batch_size=16 \
+   --set eval_rows=128 --set model=models/warmstart

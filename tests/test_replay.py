@@ -58,13 +58,39 @@ def test_replay_recursive_normalize_equals_rollout():
     torch.testing.assert_close(lp[out.mask.bool()], out.logprobs[out.mask.bool()], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("horizon", [2, 64])  # 2: older events are folded in detached; 64: all keep gradient
+def test_replay_with_write_gate_equals_rollout(horizon):
+    model, tok = _policy("pte", write_gate=True, gate_horizon=horizon)
+    with torch.no_grad():  # gates that differ per token and layer
+        enc = model.pte_adapter.encoder
+        enc.gate_w.normal_(0, 0.5)
+        enc.gate_b.normal_(0, 1.0)
+    out = _rollout(model, tok, temperature=0.9)
+    assert len(out.event_steps) > horizon or horizon == 64
+    with torch.no_grad():
+        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+    torch.testing.assert_close(lp[out.mask.bool()], out.logprobs[out.mask.bool()], atol=1e-4, rtol=0)
+
+
+def test_fresh_write_gate_without_global_state_is_the_paper_form():
+    """Fresh gates are all 1/2, and the row normalisation removes a common scale: #Global-0 is unchanged."""
+    lps = []
+    for gate in (False, True):
+        torch.manual_seed(0)
+        model, tok = _policy("pte_no_global", write_gate=gate)
+        out = _rollout(model, tok, temperature=0.9)
+        lps.append(out.logprobs[out.mask.bool()])
+    torch.testing.assert_close(lps[0], lps[1], atol=1e-5, rtol=0)
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["pte", "lora_c"])
+@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+gate"])
 def test_segment_wise_backward_equals_full_graph(method):
-    model, tok = _policy(method)
+    gate = method == "pte+gate"
+    model, tok = _policy("pte" if gate else method, **({"write_gate": True} if gate else {}))
     out = _rollout(model, tok)
     weights = torch.randn(out.tokens.shape) * out.mask  # any per-token loss weights
 
@@ -78,8 +104,10 @@ def test_segment_wise_backward_equals_full_graph(method):
                     on_segment=lambda cols, seg: (seg * weights[:, cols]).sum().backward())
     seg = _grads(model)
     assert full.keys() == seg.keys() and len(full) > 0
-    if method == "pte":
+    if method != "lora_c":
         assert any("pte_adapter.encoder" in n and full[n].abs().sum() > 0 for n in full)  # events reach the encoder
+    if gate:
+        assert full["pte_adapter.encoder.gate_w"].abs().sum() > 0  # the gates learn from the replay
     for n in full:
         torch.testing.assert_close(seg[n], full[n], atol=1e-5, rtol=1e-4, msg=n)
 
