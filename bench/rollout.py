@@ -13,7 +13,9 @@ Both impls generate exactly N tokens per row (EOS ignored; HF with ``min_new_tok
 prompts (HF samples its own random stream, so sampled tokens differ, the work does not). Every measurement runs in a
 fresh subprocess, so that its memory is its own: process RSS (polled) on CPU, ``torch.cuda.max_memory_allocated``
 on GPU. ``peak_bytes`` is the peak during the measured generation (weights included), ``loaded_bytes`` the memory
-after loading the model and the prompts, ``working_bytes = peak - loaded`` what generation itself adds: the quantity
+after loading the model and the prompts (every weight read once, since safetensors maps them lazily and RSS would
+not count them yet), ``working_bytes = peak - loaded`` what generation itself adds (a warm-up generation of 8 tokens
+runs in between, so allocator caches count as working memory): the quantity
 that must not grow with length under a bounded cache (the growth from the shortest to the longest length is printed
 for both). ``kv_cache_bytes`` is the analytic size of the most KV slots held at once (layers x 2 x KV heads x head
 size x dtype size x rows x slots; HF holds P + N - 1 slots).
@@ -46,6 +48,7 @@ threads as the generation): ``roofline = 2 n^3 / seconds``. The model FLOPs of a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -228,6 +231,9 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
     torch.manual_seed(0)
     model, tok = load_model(model_src, dtype=dtype, device=device)
     ids, mask = encode_prompts(tok, shape_prompts(shape, prompts, batch), device=device)
+    with torch.no_grad():  # safetensors maps the weights lazily: read each once, so that they count as loaded
+        for param in model.parameters():
+            param.sum()
     loaded = _memory_now(device)
     sampling = dict(temperature=temperature, top_p=1.0, top_k=0)
     cache_cfg = CacheConfig(window=window) if impl == "bounded" else CacheConfig(window=None)
@@ -249,7 +255,8 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as rss:
+        # on CUDA the allocator's peak; no RSS poller there, whose GIL turns would delay the kernel launches
+        with contextlib.nullcontext() if device == "cuda" else PeakRSS() as rss:
             start = time.perf_counter()
             produced, slots = run(new_tokens)
             if device == "cuda":
