@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = resolve_spec(args, args.device)
+    if spec["batch"] % spec["prompts"]:
+        ap.error(f"--batch {spec['batch']} is not a multiple of --prompts {spec['prompts']}")
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, spec["batch"], spec["lengths"][0], spec["window"],
                                 args.device, args.dtype, spec["shape"], spec["prompts"], spec["temperature"],
