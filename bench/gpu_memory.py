@@ -103,6 +103,12 @@ def gpu_worker(impl: str, model_dir: str, n: int, window: int, group: int, rank:
     return res
 
 
+def worker_cmd(impl: str, model_dir: str, n: int, window: int, group: int, rank: int, device: str) -> list[str]:
+    """The command line of one :func:`gpu_worker` run on the model saved in ``model_dir``."""
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--model-dir", model_dir, "--device",
+            device, "--lengths", str(n), "--window", str(window), "--group", str(group), "--rank", str(rank)]
+
+
 def _device_name(device: str) -> str:
     """The GPU's name, asked in a child process (see :func:`build_model` on CUDA contexts in the parent)."""
     if device != "cuda":
@@ -205,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "trl": "GRPOTrainer with its defaults (gradient_checkpointing=True), peft LoRA"}
         for n in args.lengths:
             for impl in args.impls:
-                cmd = [sys.executable, __file__, "--worker", impl, "--model-dir", tmp, "--device", args.device,
-                       "--lengths", str(n), "--window", str(args.window), "--group", str(args.group),
-                       "--rank", str(args.rank)]
+                cmd = worker_cmd(impl, tmp, n, args.window, args.group, args.rank, args.device)
                 r = {"impl": impl, "new_tokens": n, "window": args.window if impl in ("pte", "lora_c") else None,
                      **guarded(cmd, cap)}
                 rows.append(r)

@@ -158,10 +158,11 @@ def worker(impl: str, model: str, n: int, window: int, group: int, rank: int, de
     return {"impl": impl, "new_tokens": n, "window": window if impl in ("pte", "lora_c") else None, **res}
 
 
-def guarded(cmd: list[str], cap: int, interval_s: float = 0.02) -> dict:
-    """Run a worker, killing it when its RSS (with any children) exceeds ``cap`` bytes.
+def guarded(cmd: list[str], cap: int, interval_s: float = 0.02, timeout_s: float | None = None) -> dict:
+    """Run a worker, killing it when its RSS (with any children) exceeds ``cap`` bytes or it runs past ``timeout_s``.
 
-    Returns the worker's JSON, or ``{"result": "exceeded <cap> GiB RSS, killed", "peak_bytes": cap, ...}``.
+    Returns the worker's JSON, ``{"result": "exceeded <cap> GiB RSS, killed", "peak_bytes": cap, ...}``, or
+    ``{"result": "timed out after <t> s, killed", "timed_out": True, ...}``.
     """
     import psutil
 
@@ -172,18 +173,19 @@ def guarded(cmd: list[str], cap: int, interval_s: float = 0.02) -> dict:
                for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     for t in readers:
         t.start()
-    ps, seen, killed = psutil.Process(proc.pid), 0, False
+    ps, seen, killed, late = psutil.Process(proc.pid), 0, False, False
     while proc.poll() is None:
         try:
             rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
         except psutil.Error:
             rss = 0
         seen = max(seen, rss)
-        if rss > cap:
+        late = timeout_s is not None and time.perf_counter() - start > timeout_s
+        if rss > cap or late:
             for c in ps.children(recursive=True):
                 c.kill()
             proc.kill()
-            killed = True
+            killed = not late
             break
         time.sleep(interval_s)
     proc.wait()
@@ -191,12 +193,15 @@ def guarded(cmd: list[str], cap: int, interval_s: float = 0.02) -> dict:
         t.join()
     wall = time.perf_counter() - start
     gib = cap / GIB
+    if late:
+        return {"result": f"timed out after {timeout_s:.0f} s, killed", "timed_out": True, "wall_s": wall}
     if killed:
         return {"result": f"exceeded {gib:g} GiB RSS, killed", "peak_bytes": max(cap, seen),
                 "peak_is_lower_bound": True, "wall_s": wall}
     if proc.returncode:
         print(out.get("stderr", "")[-3000:], file=sys.stderr)
-        return {"result": f"failed with exit code {proc.returncode}", "wall_s": wall}
+        return {"result": f"failed with exit code {proc.returncode}", "wall_s": wall,
+                "stderr_tail": out.get("stderr", "")[-1500:]}
     return {**json.loads(out["stdout"].strip().splitlines()[-1]), "worker_wall_s": wall, "parent_polled_peak": seen}
 
 

@@ -1,0 +1,219 @@
+"""Where one GRPO training step spends its time: rollout, reference forward, replay forward, loss, backward, update.
+
+Runs our trainer (``pte.train.Trainer``) for ``--steps`` steps of a preset (default: cpu-demo, the pipeline's GRPO
+step: 2 prompts x 4 samples of ``var_chain``, 128 new tokens, 32-slot window, ``beta`` 0.001 with a full-cache
+reference) and times its phases with wall-clock timers wrapped around the functions the step calls (CUDA-synchronized
+on a GPU). The phases are exclusive, so they add up to the step:
+
+* ``rollout: generate``: :func:`pte.rollout.generate` (sampling under the method's cache);
+* ``rollout: decode + reward``: the rest of the trainer's rollout (decoding the completions, rewards, recall);
+* ``reference forward``: the KL reference's log-probs (adapters off, no gradient; ``grpo.kl_cache``);
+* ``replay forward``: :func:`pte.replay.replay_logprobs` of the policy, segment by segment, without the loss and the
+  backward it calls per segment;
+* ``loss``: the per-segment objective (``grpo_chunk``; ``sft_chunk`` / ``distill_chunk`` for the other objectives);
+* ``backward``: the per-segment ``engine.backward``;
+* ``optimizer step``: ``engine.step`` (gradient clipping, AdamW on the adapter);
+* ``other``: the rest of the step (advantages, padding the chunks to one length, metrics).
+
+The trainer's own ``timing/rollout_s`` and ``timing/update_s`` (also in ``models/<method>/metrics.jsonl`` of every
+pipeline run) are printed beside the split. ``--torch-profile N`` additionally records the step with
+``torch.profiler`` and prints its N most expensive operators (the profiler's overhead inflates the phase timings of
+that run). Nothing is optimised here; this only makes the split measurable.
+
+    python bench/train_profile.py                                 # cpu-demo preset, pte, one step
+    python bench/train_profile.py --base models/warmstart --method lora_c --steps 2 --out /tmp/profile.json
+    python bench/train_profile.py --params presets/smoke.yaml --torch-profile 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout import _local_model, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("rollout: generate", "rollout: decode + reward", "reference forward", "replay forward", "loss", "backward",
+          "optimizer step", "other")
+
+
+class Phases:
+    """Exclusive wall-clock time per phase: a wrapped call's time minus the wrapped calls it makes."""
+
+    def __init__(self, cuda: bool = False):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: Counter = Counter()
+        self._stack: list[list] = []  # [name, seconds of timed children]
+        self._cuda = cuda
+
+    def _sync(self) -> None:
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def wrap(self, name: str, fn, absorbed_by: tuple[str, ...] = ()):
+        """``fn`` timed as ``name``; called inside a phase of ``absorbed_by`` it counts as that phase instead."""
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self._stack and self._stack[-1][0] in absorbed_by:
+                return fn(*args, **kwargs)
+            self._sync()
+            start = time.perf_counter()
+            self._stack.append([name, 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                elapsed = time.perf_counter() - start
+                _, children = self._stack.pop()
+                self.seconds[name] += elapsed - children
+                self.calls[name] += 1
+                if self._stack:
+                    self._stack[-1][1] += elapsed
+
+        return timed
+
+    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+        """The times and call counts so far, then reset."""
+        out = dict(self.seconds), dict(self.calls)
+        self.seconds.clear()
+        self.calls.clear()
+        return out
+
+
+def instrument(trainer, phases: Phases):
+    """Wrap the functions one step of ``trainer`` calls (module names in ``pte.train``, the trainer's methods and its
+    engine's ``step``) with ``phases`` timers. Returns a function that puts ``pte.train``'s names back."""
+    import pte.train as train_mod
+
+    names = ("generate", "grpo_chunk", "sft_chunk", "distill_chunk", "replay_logprobs")
+    saved = {attr: getattr(train_mod, attr) for attr in names}
+    for attr, name in (("generate", "rollout: generate"), ("grpo_chunk", "loss"), ("sft_chunk", "loss"),
+                       ("distill_chunk", "loss")):
+        setattr(train_mod, attr, phases.wrap(name, getattr(train_mod, attr)))
+    # the reference's own replay (adapters off, no gradient) is the reference forward, not the policy's replay
+    train_mod.replay_logprobs = phases.wrap("replay forward", train_mod.replay_logprobs,
+                                            absorbed_by=("reference forward",))
+    trainer._rollouts = phases.wrap("rollout: decode + reward", trainer._rollouts)
+    trainer._reference = phases.wrap("reference forward", trainer._reference)
+    trainer._backward = phases.wrap("backward", trainer._backward)
+    trainer.engine.step = phases.wrap("optimizer step", trainer.engine.step)
+
+    def restore() -> None:
+        for attr, fn in saved.items():
+            setattr(train_mod, attr, fn)
+
+    return restore
+
+
+def _rows(params, data: str | None):
+    from pte.data import build_splits, read_jsonl
+
+    return read_jsonl(data) if data else build_splits(params.data)["train"]
+
+
+def _print_split(step: int, seconds: dict[str, float], calls: dict[str, int], wall: float, metrics: dict) -> None:
+    print(f"\nstep {step}: {wall:.2f} s (trainer: rollout {metrics['timing/rollout_s']:.2f} s, "
+          f"update {metrics['timing/update_s']:.2f} s; mean length {metrics['completions/mean_length']:.1f}, "
+          f"evictions {metrics.get('cache/evictions', 0.0):.1f})")
+    print(f"  {'phase':26s} {'seconds':>9s} {'share':>7s} {'calls':>6s}")
+    for name in PHASES:
+        if name in seconds:
+            print(f"  {name:26s} {seconds[name]:9.3f} {100 * seconds[name] / wall:6.1f}% {calls.get(name, 0):6d}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(ROOT / "presets" / "cpu-demo.yaml"), help="a preset or params.yaml")
+    ap.add_argument("--method", default="pte", help="pte, lora_c, lora, ... (pte.methods)")
+    ap.add_argument("--base", help="model directory to train (e.g. models/warmstart); default: the preset's "
+                                   "model.source (a GGUF is converted once into --cache-dir)")
+    ap.add_argument("--data", help="training rows (JSONL, e.g. data/train.jsonl); default: the preset's train split, "
+                                   "built in memory")
+    ap.add_argument("--steps", type=int, default=1, help="steps to time (each printed; step 0 pays first-use costs)")
+    ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
+                    help="also record the last step with torch.profiler and print its N most expensive operators")
+    ap.add_argument("--trace", help="with --torch-profile: write a Chrome trace of that step here")
+    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pte/bench-models"))
+    ap.add_argument("--out", help="write the split as JSON here")
+    args = ap.parse_args(argv)
+    for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
+                 "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
+    import torch
+
+    from pte.config import load_params
+    from pte.data import format_prompt
+    from pte.train import Trainer
+
+    params = load_params(args.params)
+    source = args.base or _local_model(params.model.source, Path(args.cache_dir))
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, source=source))
+    rows = _rows(params, args.data)
+    prompts = [format_prompt(r.problem, params.data) for r in rows]
+    with tempfile.TemporaryDirectory(prefix="pte-train-profile-") as out_dir:
+        trainer = Trainer(params, args.method, prompts, [r.answer for r in rows], out_dir,
+                          problems=[r.problem for r in rows])
+        phases = Phases(cuda=trainer.runtime.device.type == "cuda")
+        restore = instrument(trainer, phases)
+        print(f"{args.method} on {source} ({trainer.runtime.device}, {trainer.runtime.precision}, "
+              f"{torch.get_num_threads()} threads): {params.train.prompts_per_step} prompts x "
+              f"{params.grpo.num_generations} samples, {params.grpo.max_completion_length} new tokens, "
+              f"window {params.cache.window}, beta {params.grpo.beta}", flush=True)
+        steps = []
+        try:
+            for i in range(args.steps):
+                profiled = args.torch_profile and i == args.steps - 1
+                prof = None
+                if profiled:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if phases._cuda else [])
+                    prof = profile(activities=acts, record_shapes=False)
+                    prof.__enter__()
+                start = time.perf_counter()
+                metrics = trainer.train_step()
+                wall = time.perf_counter() - start
+                if prof is not None:
+                    prof.__exit__(None, None, None)
+                trainer.step += 1
+                seconds, calls = phases.take()
+                seconds["other"] = max(0.0, wall - sum(seconds.values()))
+                _print_split(i, seconds, calls, wall, metrics)
+                steps.append({"step": i, "seconds": wall, "phases": seconds, "calls": calls,
+                              "torch_profiler": bool(profiled),
+                              "trainer_timing": {k: metrics[k] for k in ("timing/rollout_s", "timing/update_s")},
+                              "mean_length": metrics["completions/mean_length"],
+                              "evictions": metrics.get("cache/evictions"), "reward": metrics.get("reward")})
+                if prof is not None:
+                    key = "self_cuda_time_total" if phases._cuda else "self_cpu_time_total"
+                    print(prof.key_averages().table(sort_by=key, row_limit=args.torch_profile))
+                    if args.trace:
+                        prof.export_chrome_trace(args.trace)
+                        print(f"wrote {args.trace}")
+        finally:
+            restore()
+    if args.out:
+        write_result(args.out, {
+            "date": date.today().isoformat(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "params": args.params, "method": args.method, "model": source,
+            "command": " ".join(["python", "bench/train_profile.py", *(argv if argv is not None else sys.argv[1:])]),
+            "phases": list(PHASES), "steps": steps})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
