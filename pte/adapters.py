@@ -115,6 +115,8 @@ class StateLoRALinear(nn.Module):
             return y
         h = F.linear(x, self.pte_down)  # [B, T, r]
         h = h @ s.transpose(-1, -2).to(h.dtype)  # [B, T, G]
+        if self._adapter.pte_cfg.read == "softmax":  # selective read: the best-matching rows of S answer
+            h = torch.softmax(h.float(), dim=-1).to(x.dtype)
         return y + self.scaling * F.linear(h, self.pte_up)
 
 

@@ -144,9 +144,16 @@ class PTEConfig:
     """With ``write_gate``: the replay recomputes the gates of the last ``gate_horizon`` events with gradient and folds
     older events in detached (truncated backpropagation; the replay keeps that many events' K/V, a bounded cost)."""
 
+    read: Literal["linear", "softmax"] = "linear"
+    """``linear``: the paper's adapter ``A (S (B x))``. ``softmax`` (not the paper): ``A softmax(S (B x))`` over the G
+    rows of S, a selective read in which the best-matching row answers instead of a linear mix of all
+    (docs/method.md, "Selective read")."""
+
     def __post_init__(self) -> None:
         check_range("pte.global_tokens", self.global_tokens, 1)
         check_range("pte.gate_horizon", self.gate_horizon, 1)
+        if self.read not in ("linear", "softmax"):
+            raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax.")
         check_range("pte.eps", self.eps, 0.0, lo_open=True)
 
 

@@ -11,8 +11,9 @@ $S --tag pairs2-recursive --methods pte --set steps=300 --set pairs=2 --set fill
 $S --tag pairs4 --methods lora pte pte_no_global --set steps=300 --set pairs=4 --set fillers=6
 # Distractors (2026-11-29, second study session): the fillers are random symbols, so every evicted token carries
 # content; one keyed pair must be recalled among them.
-for f in 6 16 32; do
-  $S --tag distract1-f$f --methods lora pte lora_c pte_no_global --set steps=300 --set distractors=true --set fillers=$f
+$S --tag distract1 --methods lora pte lora_c pte_no_global --set steps=300 --set distractors=true --set fillers=6
+for f in 16 32; do
+  $S --tag distract1-f$f --methods lora pte pte_no_global --set steps=300 --set distractors=true --set fillers=$f
 done
 # The write gate (pte.write_gate, not the paper): a learned per-token gate on the event terms.
 for f in 16 32; do
@@ -25,3 +26,14 @@ $S --tag distract1-f32-gate-h64 --methods pte_no_global pte --set steps=300 --se
 $S --tag smol-plain --methods pte --set steps=20 --set model=models/warmstart
 $S --tag smol-pairs4 --methods pte --set steps=60 --set pairs=4 --set fillers=6 --set batch_size=16 \
    --set eval_rows=128 --set model=models/warmstart
+# Associative recall with the gate: 4 pairs (fixed fillers; 16 distractors), capacity (rank/G 32) and steps.
+$S --tag pairs4-gate --methods pte_no_global --set steps=300 --set pairs=4 --set fillers=6 --set pte.write_gate=true
+$S --tag pairs4-d16-gate --methods pte_no_global lora --set steps=300 --set pairs=4 --set fillers=16 \
+   --set distractors=true --set pte.write_gate=true --set pte.gate_horizon=64
+$S --tag pairs4-gate-r32g32 --methods pte_no_global --set steps=300 --set pairs=4 --set fillers=6 \
+   --set pte.write_gate=true --set rank=32 --set global_tokens=32
+$S --tag pairs4-gate-1000 --methods pte_no_global --set steps=1000 --set pairs=4 --set fillers=6 --set pte.write_gate=true
+# The selective read (pte.read=softmax, not the paper).
+$S --tag pairs4-gate-softmax --methods pte_no_global --set steps=300 --set pairs=4 --set fillers=6 \
+   --set pte.write_gate=true --set pte.read=softmax
+$S --tag pairs4-softmax --methods pte_no_global pte --set steps=300 --set pairs=4 --set fillers=6 --set pte.read=softmax

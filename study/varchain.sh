@@ -11,3 +11,6 @@ $S --tag base --methods base --budgets 140 null
 $S --tag A-r8g8-lr2e-3-60 --methods pte lora_c $SFT --set train.steps=60 --set train.lr=0.002
 $S --tag C-noglobal-r8g8-lr2e-3-60 --methods pte_no_global $SFT --set train.steps=60 --set train.lr=0.002
 $S --tag D-noglobal-r8g8-lr3e-3-180 --methods pte_no_global $SFT --set train.steps=180 --set train.lr=0.003
+# Second session: #Global-0 with the write gate (pte.write_gate, not the paper).
+$S --tag E-noglobal-gate-lr3e-3-120 --methods pte_no_global $SFT --set train.steps=120 --set train.lr=0.003 \
+   --set pte.write_gate=true

@@ -72,6 +72,18 @@ def test_replay_with_write_gate_equals_rollout(horizon):
     torch.testing.assert_close(lp[out.mask.bool()], out.logprobs[out.mask.bool()], atol=1e-4, rtol=0)
 
 
+def test_replay_with_softmax_read_equals_rollout():
+    model, tok = _policy("pte", read="softmax")
+    out = _rollout(model, tok, temperature=0.9)
+    with torch.no_grad():
+        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+        model.pte_adapter.pte_cfg = PTEConfig(global_tokens=4)  # the same weights read linearly act differently
+        linear = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+    m = out.mask.bool()
+    torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
+    assert (lp[m] - linear[m]).abs().max() > 1e-3
+
+
 def test_fresh_write_gate_without_global_state_is_the_paper_form():
     """Fresh gates are all 1/2, and the row normalisation removes a common scale: #Global-0 is unchanged."""
     lps = []
