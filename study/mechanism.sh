@@ -37,3 +37,7 @@ $S --tag pairs4-gate-1000 --methods pte_no_global --set steps=1000 --set pairs=4
 $S --tag pairs4-gate-softmax --methods pte_no_global --set steps=300 --set pairs=4 --set fillers=6 \
    --set pte.write_gate=true --set pte.read=softmax
 $S --tag pairs4-softmax --methods pte_no_global pte --set steps=300 --set pairs=4 --set fillers=6 --set pte.read=softmax
+$S --tag smol-d16-gate --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 \
+   --set batch_size=16 --set eval_rows=128 --set pte.write_gate=true --set pte.gate_horizon=32 --set model=models/warmstart
+$S --tag smol-d16 --methods pte pte_no_global lora_c --set steps=60 --set distractors=true --set fillers=16 \
+   --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
