@@ -1,13 +1,14 @@
 """What the pipeline declares to DVC is deterministic and committed; what varies between runs lives in git-ignored
 side files (docs/pipeline.md, "What is committed").
 
-Fast checks of dvc.yaml against the ignore rules, of the two helpers that keep declared outputs deterministic (the
-register stage's candidate, peft's adapter config), and, slow, that two training processes with different hash
-seeds write the same adapter bytes.
+Fast checks of dvc.yaml against the ignore rules and the committed dvc.lock, and of the two helpers that keep
+declared outputs deterministic (the register stage's candidate, peft's adapter config); slow, that two training
+processes with different hash seeds write the same adapter bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -72,6 +73,34 @@ def test_uncached_outputs_are_committable_and_cached_ones_ignored():
             assert _ignored(path), f"{path} is cached by DVC; commit the .gitignore entry that `dvc repro` writes"
         else:
             assert not _ignored(path), f"{path} is a `cache: false` output: it is committed, so git must not ignore it"
+
+
+def _committed(path: str) -> bytes | None:
+    """``path`` as it is in git's index (what a commit holds, whatever a local run left in the working tree)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "show", f":{path}"], capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def test_committed_lock_lists_the_declared_outputs_and_hashes_the_committed_files():
+    """dvc.lock is committed with the `cache: false` files it hashes (commit them together after a run of the
+    default preset): then `dvc metrics show` works on a fresh clone and its `dvc repro` leaves `git status` clean."""
+    lock = _committed("dvc.lock")
+    assert lock is not None, "dvc.lock is not committed: run the default preset (`make run`) and commit it"
+    stages = yaml.safe_load(lock)["stages"]
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    methods = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["methods"]
+    names = {f"{n}@{m}" for n, st in dvc_yaml.items() if "foreach" in st for m in methods}
+    names |= {n for n, st in dvc_yaml.items() if "foreach" not in st}
+    assert set(stages) == names, "dvc.lock is stale: rerun the default preset and commit dvc.lock"
+    locked = {o["path"]: o for st in stages.values() for o in st.get("outs", [])}
+    declared = declared_outputs()
+    assert set(locked) == set(declared), "dvc.lock is stale: rerun the default preset and commit dvc.lock"
+    for path, cached in declared.items():
+        if cached:
+            continue
+        data = _committed(path)
+        assert data is not None, f"{path} (`cache: false`) is not committed; commit it with dvc.lock"
+        assert hashlib.md5(data).hexdigest() == locked[path]["md5"], f"committed {path} is not the one dvc.lock hashes"
 
 
 def test_register_declares_a_deterministic_candidate():
