@@ -2,6 +2,11 @@
 
 Each stage reads ``params.yaml``, calls one function of the package and writes its outputs and a
 ``metrics.json`` (for DVC). They only wire: the logic lives in the modules they call.
+
+What a stage declares to DVC is deterministic (the same bytes on every run, so ``dvc.lock`` and the committed
+metrics do not change); what varies from run to run (wall time, memory, MLflow run ids and versions, the training
+log and checkpoints) goes to side files that DVC does not track and git ignores (docs/pipeline.md, "What is
+committed").
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from typing import Any
 from pte.config import Params, load_params
 from pte.warmstart import resolve_base
 
-__all__ = ["add_stage_parsers", "stage_base_model", "stage_data", "stage_evaluate", "stage_register", "stage_train",
-           "stage_warmstart"]
+__all__ = ["REGISTRATION_RUN_KEYS", "add_stage_parsers", "registered_candidate", "stage_base_model", "stage_data",
+           "stage_evaluate", "stage_register", "stage_train", "stage_warmstart"]
+
+REGISTRATION_RUN_KEYS = ("version", "alias", "previous_champion", "run_id", "model_uri")
+"""Keys of :func:`pte.registry.register`'s answer that depend on what the registry already holds (or are new ids on
+every call): they stay in the side file ``registration.json``, out of the register stage's declared output."""
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -61,7 +70,8 @@ def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, rep
         return {"enabled": False}
     result = warmstart(base or params.model.source, read_jsonl(data), params.warmstart, params.data, out,
                        seed=params.base.seed)
-    # DVC compares metrics.json across runs: deterministic numbers only; time and the loss curve go beside it
+    # DVC compares metrics.json across runs: deterministic numbers only; the loss curve goes beside it (a plot), and
+    # the wall time to resources.json, a side file that DVC does not track (docs/pipeline.md, "What is committed")
     _write_json(reports / "resources.json", {"seconds": result.pop("seconds")})
     _write_json(reports / "loss.json", {"loss": result.pop("history")})
     return {"enabled": True, **result}
@@ -69,7 +79,10 @@ def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, rep
 
 def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
                 progress: bool = True) -> dict[str, Any]:
-    """GRPO-train ``method`` on the rows of ``data``; writes ``out/{adapter,checkpoints,metrics.jsonl}``."""
+    """GRPO-train ``method`` on the rows of ``data``; writes ``out/{adapter,checkpoints,metrics.jsonl}``.
+
+    ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
+    side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them."""
     from pte.data import format_prompt, read_jsonl
     from pte.tracking import make_tracker, read_metrics
     from pte.train import train
@@ -131,6 +144,12 @@ def stage_register(params: Params, base: str | None, adapter: Path, metrics: Pat
                     seed=params.base.seed, data=params.data)
 
 
+def registered_candidate(registration: dict[str, Any], metric_name: str) -> dict[str, Any]:
+    """What was submitted to the registry (model name, compared metric, its value and budget), without the registry's
+    answer (:data:`REGISTRATION_RUN_KEYS`): the register stage's deterministic declared output."""
+    return {"metric_name": metric_name, **{k: v for k, v in registration.items() if k not in REGISTRATION_RUN_KEYS}}
+
+
 def _cmd(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     out = Path(args.out)
@@ -152,7 +171,8 @@ def _cmd(args: argparse.Namespace) -> int:
         summary = stage_evaluate(params, base, Path(args.models), Path(args.data), out)
     elif args.command == "register":
         summary = stage_register(params, base, Path(args.adapter), Path(args.metrics))
-        _write_json(out / "registration.json", summary)
+        _write_json(out / "registration.json", summary)  # side file: version, alias, run id (flows/pipeline.py)
+        _write_json(out / "candidate.json", registered_candidate(summary, params.registry.metric))
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
@@ -203,5 +223,5 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--warmstart", help="warm-start stage output; used as the base when it holds a model")
     p.add_argument("--adapter", default="models/pte/adapter")
     p.add_argument("--metrics", default="reports/evaluate/metrics.json")
-    p.add_argument("--out", default="reports/register")
+    p.add_argument("--out", default="reports/register", help="where candidate.json and registration.json go")
     p.set_defaults(func=_cmd)

@@ -45,7 +45,7 @@ from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, 
 from pte.tasks import recall_score
 from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
-__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
+__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "sort_peft_sets", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,18 @@ class Trainer:
         if is_main():
             save_adapter(self.model, self.out_dir / "adapter", self.method, self.params.adapter, self.params.pte,
                          base_model=self.params.model.source)
+            sort_peft_sets(self.out_dir / "adapter")
         return last
+
+
+def sort_peft_sets(adapter_dir: Path) -> None:
+    """Sort ``adapter_config.json``'s lists that peft writes from sets in hash order (new in every process), so the
+    adapter is the same bytes on every run (its hash is in ``dvc.lock``, docs/pipeline.md); no file: nothing to do."""
+    path = adapter_dir / "adapter_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        cfg.update({k: sorted(cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), list)})
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))  # peft's own layout
 
 
 def train(params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,

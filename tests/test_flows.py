@@ -193,6 +193,11 @@ def test_pipeline_flow_end_to_end_on_smoke(tmp_path):
     status = subprocess.run([_exe("dvc"), "status", "--json"], cwd=clone, env=env, capture_output=True, text=True,
                             timeout=120)
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout + status.stderr
+    # everything the run wrote is committed (dvc.lock, `cache: false` outputs) or git-ignored (DVC-cached outputs,
+    # side files, MLflow): nothing new for `git status` (docs/pipeline.md, "What is committed")
+    porcelain = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
+                               capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert not [line for line in porcelain if line.startswith("??")], porcelain
 
     reg = json.loads((clone / "reports/register/registration.json").read_text())
     assert summary["registration"] == reg
