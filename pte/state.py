@@ -298,11 +298,3 @@ class SegmentState:
         else:
             self.current = normalize_rows(base + sum(terms), self.cfg.eps)
         return self.current
-        kv = self.kv_sum
-        for event in self.recent:  # write_gate: the gates of recent events, with gradient
-            kv = self._kv(*event) if kv is None else kv + self._kv(*event)
-        if self.cfg.normalize == "recursive" or kv is None:
-            self.current = normalize_rows(base, self.cfg.eps)
-        else:
-            self.current = normalize_rows(base + self._events_term(qa, kv), self.cfg.eps)
-        return self.current
