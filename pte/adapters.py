@@ -45,6 +45,7 @@ __all__ = [
     "load_adapter_weights",
     "method_pte_config",
     "save_adapter",
+    "sort_peft_sets",
     "trains_with_bounded_cache",
 ]
 
@@ -272,11 +273,22 @@ def save_adapter(model: nn.Module, out_dir: str | Path, method: str, adapter_cfg
     meta["adapter"]["target_modules"] = list(adapter_cfg.target_modules)
     if method in ("lora", "lora_c"):
         model.save_pretrained(out)  # peft: adapter_config.json + adapter_model.safetensors
+        sort_peft_sets(out)
     elif method != "base":
         tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
         save_file(tensors, str(out / WEIGHTS))
     (out / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def sort_peft_sets(adapter_dir: str | Path) -> None:
+    """Sort ``adapter_config.json``'s lists that peft writes from sets in hash order (new in every process), so the
+    adapter is the same bytes on every run (its hash is in ``dvc.lock``, docs/pipeline.md); no file: nothing to do."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        cfg.update({k: sorted(cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), list)})
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))  # peft's own layout
 
 
 def _copy_weights(model: nn.Module, adapter_dir: str | Path) -> None:

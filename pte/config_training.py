@@ -144,6 +144,11 @@ class TrainConfig:
     NLL of worked solutions under the method's training cache (``prompts_per_step`` rows a step; the rows' source
     must have a worked-solution writer); ``distill``, on-policy distillation of the sampled rollouts toward the
     model's own adapter-disabled, full-cache distribution (TRL's generalized JSD over the whole vocabulary)."""
+    sft_recall_weight: float = 1.0
+    """Weight of a recall token (a value a worked solution recalls from an early variable, ``pte.tasks.recall_spans``)
+    in the ``sft`` loss, a weighted token mean; every other token weighs 1, so 1 is the plain NLL. A study setting
+    (docs/evaluation.md): a solution holds one recall token among about 100, and a large weight isolates the signal
+    that only a memory of evicted thoughts can fit."""
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""
@@ -173,6 +178,7 @@ class TrainConfig:
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         check_range("train.threads", self.threads, 0)
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
+        check_range("train.sft_recall_weight", self.sft_recall_weight, 0.0)
         check_range("train.replay_tolerance", self.replay_tolerance, 0.0)
         check_range("train.replay_tolerance_bf16", self.replay_tolerance_bf16, 0.0)
         if self.rollout_batch % self.micro_batch:

@@ -5,8 +5,8 @@ A seconds-long instrument for every design question about the thought state. A f
     prompt: [BOS]    thinking: [X, f_1 .. f_n, SEP, X]
 
 where ``X`` is one of ``num_symbols`` symbols drawn per row and ``f_1 .. f_n, SEP`` are fixed fillers. The thinking
-window holds ``window`` tokens and evicts one per event, so by the time ``SEP`` is read the first ``X`` has left the
-cache ``n + 1 - window`` events ago: only a memory of evicted tokens can predict the final ``X``. The objective is the
+window holds ``window`` tokens and evicts ``evict`` (default one) per event, so by the time ``SEP`` is read the first
+``X`` has left the cache: only a memory of evicted tokens can predict the final ``X``. The objective is the
 teacher-forced NLL of the final ``X`` through the training replay (:func:`pte.replay.replay_logprobs`, segment-wise
 backward exactly as in training), and the metric is recall accuracy: the fraction of held-out rows whose final ``X``
 scores highest among the symbols. Chance is ``1 / num_symbols``.
@@ -46,7 +46,10 @@ class MechanismConfig:
     fillers: int = 8
     """Fixed filler tokens between X and SEP."""
     window: int = 4
-    """Thinking-window slots W of the bounded cache (one token evicted per event)."""
+    """Thinking-window slots W of the bounded cache."""
+    evict: int = 1
+    """Tokens evicted per event (``evict_ratio = evict / window``): 1 writes each token alone, larger values write
+    it into the state together with ``evict - 1`` others, as a real window does (the demo evicts 8 of 32)."""
     pairs: int = 1
     """1: the plain task above. p > 1: associative recall, ``[K_1 V_1 .. K_p V_p, fillers, SEP, K_q, V_q]``: p
     key/value pairs (fixed keys, random values) are evicted, a random key is asked, its value must be recalled."""
@@ -55,6 +58,10 @@ class MechanismConfig:
     a real thought, and the state must keep the one value that is asked for among them. Uses the keyed form
     (``[K_1 V_1 .. , fillers, SEP, K_q, V_q]`` also for one pair), since a position-free state cannot tell the
     first of several random symbols from the others."""
+    key_gap: int = 0
+    """Random symbols between a key and its value, in the stored pair and in the query (``[K, g_1..g_k, V]``): the
+    value is then identified by context ``k + 1`` tokens back, not by the token before it, as a worked solution's
+    value is by its line's variable (``d=c-2=4-2=2``). Uses the keyed form."""
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
@@ -71,6 +78,11 @@ class MechanismConfig:
     """Seeds the model, the adapter init and the data."""
     pte: PTEConfig | None = None
     """State settings (None = the defaults with ``global_tokens``); the study varies them."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.evict <= self.window:
+            raise ValueError(f"mechanism: evict = {self.evict!r} is invalid for window = {self.window}; allowed: "
+                             "1..window (tokens evicted per event).")
 
     def pte_config(self) -> PTEConfig:
         base = self.pte or PTEConfig()
@@ -91,26 +103,29 @@ _BOS, _SYMBOL0, _FILLER0, _SEP, _KEY0 = 1, 65, 97, 58, 48  # byte ids: '"', 'A'.
 
 def recall_batch(cfg: MechanismConfig, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_ids [rows, 1], tokens [rows, T])``: ``[BOS] | [X, f_1..f_n, SEP, X]`` with X random (T = n + 3), or
-    with ``pairs = p > 1`` or ``distractors`` ``[BOS] | [K_1 V_1 .. K_p V_p, f_1..f_n, SEP, K_q, V_q]``
-    (T = 2p + n + 3)."""
+    with ``pairs = p > 1``, ``distractors`` or ``key_gap = k`` the keyed form
+    ``[BOS] | [K_1 g.. V_1 .. K_p g.. V_p, f_1..f_n, SEP, K_q, g.., V_q]`` (k random symbols g after each key;
+    T = (p + 1)(k + 2) + n + 1)."""
     if cfg.distractors:
         fill = torch.randint(0, cfg.num_symbols, (rows, cfg.fillers), generator=generator) + _SYMBOL0
     else:
         fill = (torch.arange(cfg.fillers) % 26 + _FILLER0).expand(rows, -1)
     sep = torch.full((rows, 1), _SEP)
-    if cfg.pairs == 1 and not cfg.distractors:
+    if cfg.pairs == 1 and not cfg.distractors and not cfg.key_gap:
         x = torch.randint(0, cfg.num_symbols, (rows, 1), generator=generator) + _SYMBOL0
         return torch.full((rows, 1), _BOS), torch.cat([x, fill, sep, x], dim=1)
     values = torch.randint(0, cfg.num_symbols, (rows, cfg.pairs), generator=generator) + _SYMBOL0
     keys = (torch.arange(cfg.pairs) + _KEY0).expand(rows, -1)
     q = torch.randint(0, cfg.pairs, (rows, 1), generator=generator)
-    stored = torch.stack([keys, values], dim=-1).reshape(rows, -1)
-    return torch.full((rows, 1), _BOS), torch.cat([stored, fill, sep, keys.gather(1, q), values.gather(1, q)], 1)
+    gaps = torch.randint(0, cfg.num_symbols, (rows, cfg.pairs + 1, cfg.key_gap), generator=generator) + _SYMBOL0
+    stored = torch.cat([keys[..., None], gaps[:, :-1], values[..., None]], dim=-1).reshape(rows, -1)
+    query = torch.cat([keys.gather(1, q), gaps[:, -1], values.gather(1, q)], dim=1)
+    return torch.full((rows, 1), _BOS), torch.cat([stored, fill, sep, query], 1)
 
 
 def _plan(cfg: MechanismConfig, method: str) -> CachePlan:
     window = cfg.window if trains_with_bounded_cache(method) else None
-    return plan_cache(CacheConfig(window=window, evict_ratio=1.0 / cfg.window), 1)
+    return plan_cache(CacheConfig(window=window, evict_ratio=cfg.evict / cfg.window), 1)
 
 
 def recall_accuracy(model, cfg: MechanismConfig, method: str, generator: torch.Generator,

@@ -29,7 +29,7 @@ from pte.replay import chunk_logits
 from pte.tasks import recall_spans
 
 __all__ = ["ChunkTotals", "FullCacheTeacher", "SFTBatch", "completion_tokens", "distill_chunk", "grpo_chunk",
-           "jsd_loss", "recall_positions", "sft_batch", "sft_chunk", "token_kl"]
+           "jsd_loss", "recall_positions", "sft_batch", "sft_chunk", "sft_weights", "token_kl"]
 
 
 def completion_tokens(tokenizer, solutions: list[str], eos_id: int, pad_id: int,
@@ -125,12 +125,13 @@ def sft_batch(tokenizer, prompts: list[str], problems: list[str], solutions: lis
 
 
 def sft_chunk(lp: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, recall: torch.Tensor,
-              num_tokens: float) -> tuple[torch.Tensor, torch.Tensor]:
+              num_tokens: float, recall_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``sft`` loss of one replay chunk and its recall counts.
 
     Args:
         lp: ``[B, n]`` log-probs of the reference tokens. logits: ``[B, n, V]``. tokens, mask, recall: ``[B, n]``
-            the chunk's columns. num_tokens: valid tokens of the whole step (the loss is a token mean over it).
+            the chunk's columns. num_tokens: the step's total token weight (:func:`sft_weights` summed; the loss is a
+            weighted token mean over the step). recall_weight: the weight of a recall token (others weigh 1).
 
     Returns:
         ``loss`` (scalar, with graph) and ``[4]`` float64 sums: NLL, recall NLL, recall hits (argmax), recalls.
@@ -141,7 +142,14 @@ def sft_chunk(lp: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor, mask
     hits = (logits.detach().argmax(-1) == tokens)[r]
     sums = torch.tensor([-float(lp_d[valid].sum()), -float(lp_d[r].sum()), float(hits.sum()), float(r.sum())],
                         dtype=torch.float64)
-    return -(lp * valid).sum() / num_tokens, sums
+    return -(lp * sft_weights(mask, recall, recall_weight)).sum() / num_tokens, sums
+
+
+def sft_weights(mask: torch.Tensor, recall: torch.Tensor, recall_weight: float) -> torch.Tensor:
+    """``[B, T]`` float token weights of the ``sft`` loss: 1 per valid token, ``recall_weight`` per valid recall token
+    (``train.sft_recall_weight``), 0 on padding."""
+    valid = mask.bool()
+    return valid.float() + (recall_weight - 1.0) * (recall & valid).float()
 
 
 def distill_chunk(lp: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor, old_lp: torch.Tensor,

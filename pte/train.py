@@ -38,14 +38,23 @@ from pte.config import CacheConfig, Params
 from pte.grpo import GRPOLossConfig, group_advantages, token_weights
 from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.models import load_model
-from pte.objectives import ChunkTotals, FullCacheTeacher, distill_chunk, grpo_chunk, sft_batch, sft_chunk, token_kl
+from pte.objectives import (
+    ChunkTotals,
+    FullCacheTeacher,
+    distill_chunk,
+    grpo_chunk,
+    sft_batch,
+    sft_chunk,
+    sft_weights,
+    token_kl,
+)
 from pte.replay import replay_logprobs
 from pte.rollout import Rollout, generate, pad_rollout
 from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
 from pte.tasks import recall_score
 from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
-__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "sort_peft_sets", "train"]
+__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -242,15 +251,16 @@ class Trainer:
                           [self.solutions[i] for i in rows], self.params.data.system_prompt,
                           eos_ids(self.model, tok)[0], dev)
         plan = plan_cache(self.cache_cfg, batch.prompt_ids.shape[1])
-        num_tok = _all_reduce([float(batch.mask.sum())], dev)[0]
-        sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recalls
+        weight = float(sft_weights(batch.mask, batch.recall, cfg.sft_recall_weight).sum())
+        num_tok, weight = _all_reduce([float(batch.mask.sum()), weight], dev)
+        sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens
 
         for m in range(0, len(rows), cfg.micro_batch):
             sl = slice(m, m + cfg.micro_batch)
 
             def on_segment(cols, lp, logits, sl=sl):
                 loss, counts = sft_chunk(lp, logits, batch.tokens[sl, cols], batch.mask[sl, cols],
-                                         batch.recall[sl, cols], num_tok)
+                                         batch.recall[sl, cols], weight, cfg.sft_recall_weight)
                 self._backward(loss)
                 sums.add_(counts)
 
@@ -415,18 +425,7 @@ class Trainer:
         if is_main():
             save_adapter(self.model, self.out_dir / "adapter", self.method, self.params.adapter, self.params.pte,
                          base_model=self.params.model.source)
-            sort_peft_sets(self.out_dir / "adapter")
         return last
-
-
-def sort_peft_sets(adapter_dir: Path) -> None:
-    """Sort ``adapter_config.json``'s lists that peft writes from sets in hash order (new in every process), so the
-    adapter is the same bytes on every run (its hash is in ``dvc.lock``, docs/pipeline.md); no file: nothing to do."""
-    path = adapter_dir / "adapter_config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        cfg.update({k: sorted(cfg[k]) for k in ("target_modules", "exclude_modules") if isinstance(cfg.get(k), list)})
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))  # peft's own layout
 
 
 def train(params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,

@@ -41,3 +41,13 @@ $S --tag smol-d16-gate --methods pte_no_global --set steps=60 --set distractors=
    --set batch_size=16 --set eval_rows=128 --set pte.write_gate=true --set pte.gate_horizon=32 --set model=models/warmstart
 $S --tag smol-d16 --methods pte pte_no_global lora_c --set steps=60 --set distractors=true --set fillers=16 \
    --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+# Third session. The demo's window geometry (32 slots, 8 evicted per event) on the demo model.
+$S --tag smol-d40-w32e8 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=40 --set window=32 \
+   --set evict=8 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+# The value identified by context k tokens back (key_gap), as a worked solution's value is by its line's variable.
+$S --tag keygap3-d16 --methods pte_no_global lora --set steps=300 --set distractors=true --set fillers=16 --set key_gap=3
+$S --tag keygap3-d16-gate --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 --set key_gap=3 \
+   --set pte.write_gate=true --set pte.gate_horizon=64
+$S --tag keygap1-d16 --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 --set key_gap=1
+$S --tag smol-keygap3-d16 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 --set key_gap=3 \
+   --set batch_size=16 --set eval_rows=128 --set model=models/warmstart

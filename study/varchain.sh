@@ -14,3 +14,25 @@ $S --tag D-noglobal-r8g8-lr3e-3-180 --methods pte_no_global $SFT --set train.ste
 # Second session: #Global-0 with the write gate (pte.write_gate, not the paper).
 $S --tag E-noglobal-gate-lr3e-3-120 --methods pte_no_global $SFT --set train.steps=120 --set train.lr=0.003 \
    --set pte.write_gate=true
+# Third session: the recalled variable fixed (var_chain kwargs min_depth 4: always d, four statements back), so the
+# state needs one value, not a choice between c and d. Its own params and data under runs/study/d4.
+mkdir -p runs/study/d4
+python - <<'PY'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+for split in ("train", "eval"):
+    for s in p["data"][split]:
+        s["kwargs"] = {"min_depth": 4}
+p["data"]["train"][0]["size"] = 1024
+yaml.safe_dump(p, open("runs/study/d4/params.yaml", "w"), sort_keys=False)
+PY
+pte data --params runs/study/d4/params.yaml --out runs/study/d4/data
+D4="python -m pte.study varchain --params runs/study/d4/params.yaml --data runs/study/d4/data --threads 1
+    --out ${OUT:-runs/study/varchain.jsonl}"
+$D4 --tag d4-base --methods base --budgets 140 null
+# F and its LoRA_c twin were stopped after their training curves (in docs/evaluation.md) showed no recall.
+$D4 --tag d4-F-noglobal-gate-60 --methods pte_no_global $SFT --set train.steps=60 --set train.lr=0.003 \
+   --set pte.write_gate=true
+$D4 --tag d4-F-lora_c-60 --methods lora_c $SFT --set train.steps=60 --set train.lr=0.003
+$D4 --tag d4-G-noglobal-gate-w100-60 --methods pte_no_global $SFT --set train.steps=60 --set train.lr=0.003 \
+   --set pte.write_gate=true --set train.sft_recall_weight=100

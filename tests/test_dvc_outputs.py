@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pte.adapters import sort_peft_sets
 from pte.stages import REGISTRATION_RUN_KEYS, registered_candidate
-from pte.train import sort_peft_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written by every run, never declared: wall times and memory, the registry's answer, the training log, checkpoints.

@@ -26,6 +26,27 @@ def test_symbol_is_evicted_before_it_is_needed():
     assert CFG.fillers + 2 - CFG.window >= 1  # X (the first thinking token) has left the cache
 
 
+def test_key_gap_puts_random_symbols_between_each_key_and_its_value():
+    cfg = MechanismConfig(pairs=3, fillers=5, key_gap=2, distractors=True)
+    _, tokens = recall_batch(cfg, 64, torch.Generator().manual_seed(0))
+    assert tokens.shape == (64, (cfg.pairs + 1) * (cfg.key_gap + 2) + cfg.fillers + 1)
+    stored = tokens[:, :cfg.pairs * 4].reshape(64, cfg.pairs, 4)  # [K, g, g, V] per pair
+    query = tokens[:, -4:]
+    k = query[:, 0] - stored[0, 0, 0]
+    assert torch.equal(stored[:, :, 0], stored[:1, :, 0].expand(64, -1))  # fixed keys
+    assert torch.equal(query[:, -1], stored[torch.arange(64), k, -1])  # the asked key's value
+    assert not torch.equal(query[:, 1:3], stored[torch.arange(64), k, 1:3])  # the gap is fresh noise, not a copy
+
+
+def test_events_evict_the_configured_number_of_tokens():
+    from pte.mechanism import _plan
+
+    assert _plan(CFG, "pte").evict == 1 and _plan(CFG, "lora").window is None
+    assert _plan(dataclasses.replace(CFG, window=32, evict=8), "lora_c").evict == 8
+    with pytest.raises(ValueError, match="evict = 5 is invalid for window = 4"):
+        MechanismConfig(evict=5)
+
+
 def test_pte_recalls_what_eviction_removed(results):
     assert results["pte"].accuracy >= 0.9, results["pte"]
 

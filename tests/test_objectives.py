@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from pte.adapters import attach_adapter
 from pte.cache import CachePlan
 from pte.config import AdapterConfig, PTEConfig, params_from_dict
-from pte.objectives import FullCacheTeacher, completion_tokens, jsd_loss, recall_positions
+from pte.objectives import (
+    FullCacheTeacher,
+    completion_tokens,
+    jsd_loss,
+    recall_positions,
+    sft_chunk,
+    sft_weights,
+)
 from pte.replay import replay_chunks
 from pte.tasks import VarChainConfig, recall_spans, var_chain, worked_solution
 from pte.tracking import read_metrics
@@ -53,6 +60,25 @@ def test_sft_lowers_the_solution_nll_and_reports_recall(tmp_path, method, one_th
     hist = read_metrics(tmp_path / "metrics.jsonl")
     assert len(hist) == 6 and hist[-1]["loss"] < hist[0]["loss"] * 0.8, [h["loss"] for h in hist]
     assert 0.0 <= last["recall/token_accuracy"] <= 1.0 and last["recall/nll"] > 0
+
+
+def test_sft_recall_weight_makes_a_weighted_token_mean():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=gen)
+    tokens = torch.randint(0, 11, (3, 5), generator=gen)
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    recall = torch.zeros(3, 5, dtype=torch.bool)
+    recall[0, 2] = recall[2, 4] = recall[1, 4] = True  # (1, 4) is padding: never counted
+    for w in (1.0, 7.0, 0.0):
+        weights = sft_weights(mask, recall, w)
+        loss, sums = sft_chunk(lp, logits, tokens, mask, recall, float(weights.sum()), w)
+        nll = -lp[mask.bool()]
+        rec = -torch.stack([lp[0, 2], lp[2, 4]])
+        expected = (nll.sum() + (w - 1.0) * rec.sum()) / (mask.sum() + (w - 1.0) * 2)
+        torch.testing.assert_close(loss, expected)
+        assert sums[0] == pytest.approx(float(nll.sum()), rel=1e-6) and sums[3] == 2  # counts stay unweighted
+    assert torch.equal(sft_weights(mask, recall, 1.0), mask.float())
 
 
 def test_sft_without_solutions_is_a_clear_error(tmp_path):
