@@ -31,7 +31,15 @@ from torch import nn
 from pte.cache import Evicted
 from pte.config import AdapterConfig, PTEConfig, section_from_dict
 from pte.methods import METHODS
-from pte.state import SegmentState, ThoughtEncoder, ThoughtState, flatten_heads, normalize_rows, unrotate_keys
+from pte.state import (
+    SegmentState,
+    ThoughtEncoder,
+    ThoughtState,
+    context_carry,
+    flatten_heads,
+    normalize_rows,
+    unrotate_keys,
+)
 
 __all__ = [
     "METHODS",
@@ -154,7 +162,13 @@ class PTEAdapter(nn.Module):
         assert state is not None, "begin() must be called before observe_eviction()"
         if not self.pte_cfg.event_updates:
             return
-        ke, ve = self.encoder.project_evicted(*self.pre_rope(evicted))
+        keys, values = self.pre_rope(evicted)
+        if self.pte_cfg.write_context > 1:  # the context write continues the evicted sequence across events
+            enc = self.encoder
+            carry = state.carry or (enc.empty_carry(keys), enc.empty_carry(values))
+            state.carry = (context_carry(keys, carry[0]), context_carry(values, carry[1]))
+            keys, values = enc.mix(keys, values, *carry)
+        ke, ve = self.encoder.project_evicted(keys, values)
         state.update(ke, ve, active)
 
     def pre_rope(self, evicted: Evicted) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,6 +143,13 @@ class PTEConfig:
     gate_horizon: int = 16
     """With ``write_gate``: the replay recomputes the gates of the last ``gate_horizon`` events with gradient and folds
     older events in detached (truncated backpropagation; the replay keeps that many events' K/V, a bounded cost)."""
+    write_context: int = 1
+    """Not the paper: the width c of a learned causal convolution over the evicted tokens' pre-RoPE keys and values
+    before they are written (per layer and channel; the last c - 1 tokens of the previous event are carried over).
+    1 = the paper: each token is written alone, so a value can only be bound to what its own token carries; c > 1
+    lets a value's key and value come from tokens up to c - 1 apart, as a worked solution's value is identified by
+    its line's variable a few tokens earlier (docs/method.md, "Context write"). Initialised to the identity, so a
+    fresh adapter is the paper's form. Its parameters learn in the replay like the gate's (``gate_horizon``)."""
 
     read: Literal["linear", "softmax"] = "linear"
     """``linear``: the paper's adapter ``A (S (B x))``. ``softmax`` (not the paper): ``A softmax(S (B x))`` over the G
@@ -152,6 +159,11 @@ class PTEConfig:
     def __post_init__(self) -> None:
         check_range("pte.global_tokens", self.global_tokens, 1)
         check_range("pte.gate_horizon", self.gate_horizon, 1)
+        check_range("pte.write_context", self.write_context, 1)
+        if self.write_context > 1 and self.normalize == "recursive":
+            raise ValueError(f"pte.write_context = {self.write_context} needs pte.normalize: accumulate (the replay "
+                             "recomputes recent events with gradient only in that form); set write_context: 1 or "
+                             "normalize: accumulate.")
         if self.read not in ("linear", "softmax"):
             raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax.")
         check_range("pte.eps", self.eps, 0.0, lo_open=True)

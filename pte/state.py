@@ -9,7 +9,10 @@ Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
   with ``K_e`` un-rotated to pre-RoPE keys and KV heads flattened (``d_kv = H_kv * D``);
 * ``S = Normalize(S_g + sum_e S'_e)`` (row-wise L2 over r); ``recursive`` uses ``S <- Normalize(S + S'_e)``;
 * with ``pte.write_gate`` (not the paper) each evicted token's term is scaled by a learned gate
-  ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)``: ``S'_e = (q_g Wa_Q)(diag(beta) K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)``.
+  ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)``: ``S'_e = (q_g Wa_Q)(diag(beta) K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)``;
+* with ``pte.write_context = c > 1`` (not the paper) the evicted keys and values are first mixed by a learned causal
+  depthwise convolution over the evicted sequence, ``k~_t = sum_j w^K_{l,j} * k_{t-j}`` (j < c, likewise v), the
+  last c - 1 tokens of the previous event carried over (:func:`context_mix`).
 
 No softmax: the paper's form is linear. Evicted K/V enter detached. The state math runs in fp32 whatever the
 model's dtype: the encoder's parameters are cast at use, because DeepSpeed's bf16 mode casts the whole module,
@@ -30,6 +33,7 @@ from pte.config import PTEConfig
 __all__ = [
     "ThoughtEncoder",
     "ThoughtState",
+    "context_mix",
     "event_state",
     "flatten_heads",
     "global_state",
@@ -97,6 +101,28 @@ def event_state(qa: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor) -> torch.T
     return qa.unsqueeze(1) @ kv / (math.sqrt(r) * m)
 
 
+def context_mix(x: torch.Tensor, carry: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise convolution of one event's evicted tokens, continuing the evicted sequence.
+
+    Args:
+        x: ``[L, B, m, d]`` the event's pre-RoPE keys (or values), oldest first.
+        carry: ``[L, B, c - 1, d]`` the last c - 1 tokens evicted before them (zeros before the first event).
+        kernel: ``[L, c, d]`` taps; tap j weighs the token j places back (tap 0 = the token itself).
+
+    Returns:
+        ``[L, B, m, d]``: ``out_t = sum_j kernel[:, j] * x_{t-j}`` over the concatenated sequence, so mixing event by
+        event with the carry equals mixing all evicted tokens at once.
+    """
+    c, m = kernel.shape[1], x.shape[-2]
+    seq = torch.cat([carry, x], dim=-2)  # [L, B, c - 1 + m, d]
+    return sum(kernel[:, None, j, None, :] * seq[..., c - 1 - j:c - 1 - j + m, :] for j in range(c))
+
+
+def context_carry(x: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+    """The carry after an event: the last ``c - 1`` tokens of ``carry`` followed by ``x`` (``[L, B, c - 1, d]``)."""
+    return torch.cat([carry, x], dim=-2)[..., x.shape[-2]:, :] if carry.shape[-2] else carry
+
+
 class ThoughtEncoder(nn.Module):
     """Trainable parameters of the thought state: global tokens and per-layer latent projections.
 
@@ -119,6 +145,24 @@ class ThoughtEncoder(nn.Module):
         if cfg.write_gate:  # zeros: every gate starts at 1/2, the paper's form up to the scale of the event terms
             self.gate_w = nn.Parameter(torch.zeros(num_layers, 2 * d_kv))
             self.gate_b = nn.Parameter(torch.zeros(num_layers))
+        if cfg.write_context > 1:  # the identity: tap 0 = 1, so a fresh adapter writes each token alone (the paper)
+            ident = torch.zeros(num_layers, cfg.write_context, d_kv)
+            ident[:, 0] = 1.0
+            self.context_k = nn.Parameter(ident.clone())
+            self.context_v = nn.Parameter(ident)
+
+    def empty_carry(self, keys: torch.Tensor) -> torch.Tensor:
+        """Zeros ``[L, B, c - 1, d_kv]`` (fp32): the carry before the first event, shaped after ``[L, B, m, d_kv]``."""
+        return keys.new_zeros(*keys.shape[:2], self.cfg.write_context - 1, keys.shape[-1], dtype=torch.float32)
+
+    def mix(self, keys: torch.Tensor, values: torch.Tensor, carry_k: torch.Tensor,
+            carry_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context write: ``[L, B, m, d_kv]`` pre-RoPE keys and values mixed with their ``c - 1`` predecessors
+        (:func:`context_mix`; fp32). Without ``write_context`` (c = 1) they are returned as they are."""
+        if self.cfg.write_context == 1:
+            return keys, values
+        return (context_mix(keys.float(), carry_k, self.context_k.float()),
+                context_mix(values.float(), carry_v, self.context_v.float()))
 
     def project_globals(self, layers) -> tuple[torch.Tensor, torch.Tensor]:
         """Global queries and state through each layer's frozen norm and projections.
@@ -198,6 +242,7 @@ class ThoughtState:
         self.acc = s_global.unsqueeze(1).expand(-1, batch_size, -1, -1)  # [L, B, G, r] fp32, un-normalised
         self.current = normalize_rows(self.acc, cfg.eps)  # [L, B, G, r]
         self.num_updates = 0
+        self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # write_context: last c - 1 raw evicted K, V
 
     def update(self, ke: torch.Tensor, ve: torch.Tensor, active: torch.Tensor) -> None:
         """Fold one event into the state.
@@ -228,9 +273,10 @@ class SegmentState:
     the detached ``sum_e K_e^T V_e / m`` (``[L, B, d_kv, d_kv]``, constant in the sequence length) lets each segment
     build ``S^(k)`` in a fresh, tiny autograd graph, so segment-wise backward never has to retain an earlier graph
     and gradients still reach ``h_g`` and ``Wa_*`` through every event. The ``recursive`` form is not linear; there
-    ``S^(k-1)`` enters detached (truncated backpropagation through the state chain). With ``write_gate`` the sum is no
-    longer linear in the parameters: the last ``gate_horizon`` events keep their K/V and are recomputed with gradient
-    in every segment, older ones are folded into the detached sum with the gates they had.
+    ``S^(k-1)`` enters detached (truncated backpropagation through the state chain). With ``write_gate`` or
+    ``write_context`` the sum is no longer linear in the parameters: the last ``gate_horizon`` events keep their raw
+    K/V (and the carry before them) and are recomputed with gradient in every segment, older ones are folded into
+    the detached sum with the gates and mixing they had.
 
     Args:
         encoder: the thought encoder. layers: the model's decoder layers. batch_size: B. cfg: the PTE settings.
@@ -239,7 +285,9 @@ class SegmentState:
     def __init__(self, encoder: ThoughtEncoder, layers, batch_size: int, cfg: PTEConfig):
         self.encoder, self.layers, self.batch_size, self.cfg = encoder, layers, batch_size, cfg
         self.kv_sum: torch.Tensor | None = None  # [L, B, d_kv, d_kv] fp32, detached
-        self.recent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # write_gate: (K, V, keep) per event
+        # write_gate / write_context: (K, V, keep, carry K, carry V) per event, raw K/V with the carry before it
+        self.recent: list[tuple[torch.Tensor, ...]] = []
+        self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # write_context: last c - 1 raw evicted K, V
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # recursive: (K, V, keep), new event
         self.previous: torch.Tensor | None = None  # recursive: S^(k-1), detached
         self.current: torch.Tensor | None = None  # [L, B, G, r] the state in use
@@ -253,13 +301,21 @@ class SegmentState:
         if self.cfg.normalize == "recursive":
             self.previous = None if self.current is None else self.current.detach()
             self.last = (keys, values, keep)
-        elif self.cfg.write_gate:
-            self.recent.append((keys, values, keep))
+        elif self.cfg.write_gate or self.cfg.write_context > 1:
+            if self.carry is None:
+                self.carry = (self.encoder.empty_carry(keys), self.encoder.empty_carry(values))
+            self.recent.append((keys, values, keep, *self.carry))
+            self.carry = (context_carry(keys, self.carry[0]), context_carry(values, self.carry[1]))
             if len(self.recent) > self.cfg.gate_horizon:
                 with torch.no_grad():
-                    self._fold(self._kv(*self.recent.pop(0)))
+                    self._fold(self._kv(*self._mixed(self.recent.pop(0))))
         else:
             self._fold(self._kv(keys, values, keep))
+
+    def _mixed(self, event: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A recorded event's ``(K, V, keep)`` after the context write (the identity when ``write_context`` is 1)."""
+        keys, values, keep, carry_k, carry_v = event
+        return (*self.encoder.mix(keys, values, carry_k, carry_v), keep)
 
     def _kv(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``keep * (diag(beta) K)^T V / m`` of one event: ``[L, B, d_kv, d_kv]`` (beta = 1 without a write gate)."""
@@ -292,7 +348,7 @@ class SegmentState:
             self.current = keep * new + (1 - keep) * prev
             return self.current
         terms = [] if self.kv_sum is None else [self._events_term(qa, self.kv_sum)]
-        terms += [self._event_term(qa, *event) for event in self.recent]  # write_gate: recent gates, with gradient
+        terms += [self._event_term(qa, *self._mixed(e)) for e in self.recent]  # recent events, with gradient
         if self.cfg.normalize == "recursive" or not terms:
             self.current = normalize_rows(base, self.cfg.eps)
         else:

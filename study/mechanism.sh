@@ -51,3 +51,17 @@ $S --tag keygap3-d16-gate --methods pte_no_global --set steps=300 --set distract
 $S --tag keygap1-d16 --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 --set key_gap=1
 $S --tag smol-keygap3-d16 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 --set key_gap=3 \
    --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+# The context write (pte.write_context, not the paper): the evicted tokens mixed by a learned causal convolution.
+for c in 4 5 8; do
+  $S --tag keygap3-d16-context$c --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 \
+     --set key_gap=3 --set pte.write_context=$c --set pte.gate_horizon=64
+done
+$S --tag pairs4-context2 --methods pte_no_global pte --set steps=300 --set pairs=4 --set fillers=6 \
+   --set pte.write_context=2 --set pte.gate_horizon=64
+for n in 60 200; do
+  $S --tag smol-keygap3-d16-context5$( [ $n = 200 ] && echo -200 ) --methods pte_no_global --set steps=$n \
+     --set distractors=true --set fillers=16 --set key_gap=3 --set batch_size=16 --set eval_rows=128 \
+     --set model=models/warmstart --set pte.write_context=5 --set pte.gate_horizon=64
+done
+$S --tag smol-keygap3-d16 --methods lora --set steps=60 --set distractors=true --set fillers=16 --set key_gap=3 \
+   --set batch_size=16 --set eval_rows=128 --set model=models/warmstart

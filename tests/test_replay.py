@@ -72,6 +72,42 @@ def test_replay_with_write_gate_equals_rollout(horizon):
     torch.testing.assert_close(lp[out.mask.bool()], out.logprobs[out.mask.bool()], atol=1e-4, rtol=0)
 
 
+def _random_context(model):
+    with torch.no_grad():  # kernels far from the identity: every token's write mixes its predecessors
+        enc = model.pte_adapter.encoder
+        enc.context_k.normal_(0, 0.5)
+        enc.context_v.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("horizon", [2, 64])
+@pytest.mark.parametrize("gate", [False, True])
+def test_replay_with_context_write_equals_rollout(horizon, gate):
+    model, tok = _policy("pte", write_context=3, gate_horizon=horizon, write_gate=gate)
+    _random_context(model)
+    out = _rollout(model, tok, temperature=0.9)
+    with torch.no_grad():
+        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+        enc = model.pte_adapter.encoder
+        for kernel in (enc.context_k, enc.context_v):  # back to the identity: each token written alone
+            kernel.zero_()
+            kernel[:, 0] = 1.0
+        alone = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+    m = out.mask.bool()
+    torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
+    assert (lp[m] - alone[m]).abs().max() > 1e-3  # the mixing acts
+
+
+def test_fresh_context_write_is_the_paper_form():
+    """The kernels start at the identity (tap 0 = 1): a fresh adapter writes each token alone."""
+    lps = []
+    for c in (1, 4):
+        torch.manual_seed(0)
+        model, tok = _policy("pte", write_context=c)
+        out = _rollout(model, tok, temperature=0.9)
+        lps.append(out.logprobs[out.mask.bool()])
+    torch.testing.assert_close(lps[0], lps[1], atol=1e-5, rtol=0)
+
+
 def test_replay_with_softmax_read_equals_rollout():
     model, tok = _policy("pte", read="softmax")
     out = _rollout(model, tok, temperature=0.9)
@@ -99,10 +135,13 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+gate"])
+@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+gate", "pte+context"])
 def test_segment_wise_backward_equals_full_graph(method):
-    gate = method == "pte+gate"
-    model, tok = _policy("pte" if gate else method, **({"write_gate": True} if gate else {}))
+    gate, context = method == "pte+gate", method == "pte+context"
+    model, tok = _policy("pte" if "+" in method else method, **({"write_gate": True} if gate else {}),
+                         **({"write_context": 3} if context else {}))
+    if context:
+        _random_context(model)
     out = _rollout(model, tok)
     weights = torch.randn(out.tokens.shape) * out.mask  # any per-token loss weights
 
@@ -120,6 +159,9 @@ def test_segment_wise_backward_equals_full_graph(method):
         assert any("pte_adapter.encoder" in n and full[n].abs().sum() > 0 for n in full)  # events reach the encoder
     if gate:
         assert full["pte_adapter.encoder.gate_w"].abs().sum() > 0  # the gates learn from the replay
+    if context:  # every tap of the kernels learns, the ones reaching into earlier tokens too
+        taps = [full[f"pte_adapter.encoder.context_{x}"][:, j] for x in "kv" for j in range(3)]
+        assert all(float(t.abs().sum()) > 0 for t in taps)
     for n in full:
         torch.testing.assert_close(seg[n], full[n], atol=1e-5, rtol=1e-4, msg=n)
 

@@ -106,3 +106,22 @@ def test_state_after_k_events_equals_direct_computation(monkeypatch, family):
                 acc[i] = acc[i] + active.view(-1, 1, 1) * s_e
                 direct = acc[i] / acc[i].norm(dim=-1, keepdim=True)
                 torch.testing.assert_close(state[i], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_context_mix_event_by_event_equals_one_convolution_of_the_evicted_sequence():
+    from pte.state import context_carry, context_mix
+
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.randn(2, 3, 11, 5, generator=gen)  # [L, B, T, d]: every evicted token, oldest first
+    kernel = torch.randn(2, 4, 5, generator=gen)  # c = 4
+    # naive reference: out_t = sum_j kernel_j * x_{t-j}, x_{<0} = 0
+    ref = torch.zeros_like(seq)
+    for t in range(seq.shape[2]):
+        for j in range(4):
+            if t - j >= 0:
+                ref[:, :, t] += kernel[:, j][:, None] * seq[:, :, t - j]
+    carry, outs = torch.zeros(2, 3, 3, 5), []
+    for lo, hi in [(0, 2), (2, 3), (3, 8), (8, 11)]:  # events of 2, 1, 5, 3 tokens
+        outs.append(context_mix(seq[:, :, lo:hi], carry, kernel))
+        carry = context_carry(seq[:, :, lo:hi], carry)
+    torch.testing.assert_close(torch.cat(outs, dim=2), ref)
