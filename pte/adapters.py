@@ -35,7 +35,6 @@ from pte.state import (
     SegmentState,
     ThoughtEncoder,
     ThoughtState,
-    context_carry,
     flatten_heads,
     normalize_rows,
     unrotate_keys,
@@ -164,10 +163,8 @@ class PTEAdapter(nn.Module):
             return
         keys, values = self.pre_rope(evicted)
         if self.pte_cfg.write_context > 1:  # the context write continues the evicted sequence across events
-            enc = self.encoder
-            carry = state.carry or (enc.empty_carry(keys), enc.empty_carry(values))
-            state.carry = (context_carry(keys, carry[0]), context_carry(values, carry[1]))
-            keys, values = enc.mix(keys, values, *carry)
+            before, state.carry = self.encoder.carries(keys, values, state.carry)
+            keys, values = self.encoder.mix(keys, values, *before)
         ke, ve = self.encoder.project_evicted(keys, values)
         state.update(ke, ve, active)
 

@@ -151,9 +151,15 @@ class ThoughtEncoder(nn.Module):
             self.context_k = nn.Parameter(ident.clone())
             self.context_v = nn.Parameter(ident)
 
-    def empty_carry(self, keys: torch.Tensor) -> torch.Tensor:
-        """Zeros ``[L, B, c - 1, d_kv]`` (fp32): the carry before the first event, shaped after ``[L, B, m, d_kv]``."""
-        return keys.new_zeros(*keys.shape[:2], self.cfg.write_context - 1, keys.shape[-1], dtype=torch.float32)
+    def carries(self, keys: torch.Tensor, values: torch.Tensor, carry: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The context write's carry (last ``c - 1`` raw evicted keys and values, ``[L, B, c - 1, d_kv]`` each)
+        before and after the event ``keys``/``values`` ``[L, B, m, d_kv]``; ``carry`` None = before the first event
+        (zeros)."""
+        if carry is None:
+            shape = (*keys.shape[:2], self.cfg.write_context - 1, keys.shape[-1])
+            carry = (keys.new_zeros(shape, dtype=torch.float32), keys.new_zeros(shape, dtype=torch.float32))
+        return carry, (context_carry(keys, carry[0]), context_carry(values, carry[1]))
 
     def mix(self, keys: torch.Tensor, values: torch.Tensor, carry_k: torch.Tensor,
             carry_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,10 +308,8 @@ class SegmentState:
             self.previous = None if self.current is None else self.current.detach()
             self.last = (keys, values, keep)
         elif self.cfg.write_gate or self.cfg.write_context > 1:
-            if self.carry is None:
-                self.carry = (self.encoder.empty_carry(keys), self.encoder.empty_carry(values))
-            self.recent.append((keys, values, keep, *self.carry))
-            self.carry = (context_carry(keys, self.carry[0]), context_carry(values, self.carry[1]))
+            before, self.carry = self.encoder.carries(keys, values, self.carry)
+            self.recent.append((keys, values, keep, *before))
             if len(self.recent) > self.cfg.gate_horizon:
                 with torch.no_grad():
                     self._fold(self._kv(*self._mixed(self.recent.pop(0))))
