@@ -65,3 +65,8 @@ for n in 60 200; do
 done
 $S --tag smol-keygap3-d16 --methods lora --set steps=60 --set distractors=true --set fillers=16 --set key_gap=3 \
    --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+$S --tag smol-keygap1-d16 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 --set key_gap=1 \
+   --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+$S --tag smol-keygap1-d16-context3 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 \
+   --set key_gap=1 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart --set pte.write_context=3 \
+   --set pte.gate_horizon=64
