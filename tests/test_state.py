@@ -125,3 +125,11 @@ def test_context_mix_event_by_event_equals_one_convolution_of_the_evicted_sequen
         outs.append(context_mix(seq[:, :, lo:hi], carry, kernel))
         carry = context_carry(seq[:, :, lo:hi], carry)
     torch.testing.assert_close(torch.cat(outs, dim=2), ref)
+
+
+def test_context_write_settings_are_validated():
+    with pytest.raises(ValueError, match="pte.write_context"):
+        PTEConfig(write_context=0)
+    with pytest.raises(ValueError, match="needs pte.normalize: accumulate"):
+        PTEConfig(write_context=3, normalize="recursive")
+    assert PTEConfig(write_context=1, normalize="recursive").write_context == 1  # the paper's write fits both forms
