@@ -4,8 +4,16 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
+# One variable per `export` line: make reads `export A=1 B=2` as A = "1 B=2" and never sets B, which left the
+# hub online (HF_HUB_OFFLINE was not "1") and changed what the tokenizer files record (models/base in dvc.lock).
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export HF_HUB_DISABLE_TELEMETRY=1
+export DO_NOT_TRACK=1
+export MLFLOW_DISABLE_TELEMETRY=true
+export DVC_NO_ANALYTICS=1
+export TOKENIZERS_PARALLELISM=false
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 .PHONY: install test test-all lint bench run preset flow serve clean
