@@ -62,6 +62,9 @@ class MechanismConfig:
     """Random symbols between a key and its value, in the stored pair and in the query (``[K, g_1..g_k, V]``): the
     value is then identified by context ``k + 1`` tokens back, not by the token before it, as a worked solution's
     value is by its line's variable (``d=c-2=4-2=2``). Uses the keyed form."""
+    lead: int = 0
+    """Random symbols before the first key (keyed form): the stored pairs then sit mid-thought, not at its first
+    positions, whose hidden states a causal model marks by position alone (few tokens to attend to)."""
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 32
@@ -96,6 +99,7 @@ class MechanismResult:
     chance: float
     final_loss: float  # mean NLL of the recall token over the last 10% of steps
     seconds: float
+    curve: tuple[float, ...] = ()  # mean NLL of the recall token over each twelfth of the steps (where a plateau ends)
 
 
 _BOS, _SYMBOL0, _FILLER0, _SEP, _KEY0 = 1, 65, 97, 58, 48  # byte ids: '"', 'A'.., 'a'.., ':', '0'.. (tokenizer order)
@@ -103,15 +107,15 @@ _BOS, _SYMBOL0, _FILLER0, _SEP, _KEY0 = 1, 65, 97, 58, 48  # byte ids: '"', 'A'.
 
 def recall_batch(cfg: MechanismConfig, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_ids [rows, 1], tokens [rows, T])``: ``[BOS] | [X, f_1..f_n, SEP, X]`` with X random (T = n + 3), or
-    with ``pairs = p > 1``, ``distractors`` or ``key_gap = k`` the keyed form
-    ``[BOS] | [K_1 g.. V_1 .. K_p g.. V_p, f_1..f_n, SEP, K_q, g.., V_q]`` (k random symbols g after each key;
-    T = (p + 1)(k + 2) + n + 1)."""
+    with ``pairs = p > 1``, ``distractors``, ``key_gap = k`` or ``lead = l`` the keyed form
+    ``[BOS] | [s_1..s_l, K_1 g.. V_1 .. K_p g.. V_p, f_1..f_n, SEP, K_q, g.., V_q]`` (l random symbols s first, k
+    random symbols g after each key; T = l + (p + 1)(k + 2) + n + 1)."""
     if cfg.distractors:
         fill = torch.randint(0, cfg.num_symbols, (rows, cfg.fillers), generator=generator) + _SYMBOL0
     else:
         fill = (torch.arange(cfg.fillers) % 26 + _FILLER0).expand(rows, -1)
     sep = torch.full((rows, 1), _SEP)
-    if cfg.pairs == 1 and not cfg.distractors and not cfg.key_gap:
+    if cfg.pairs == 1 and not cfg.distractors and not cfg.key_gap and not cfg.lead:
         x = torch.randint(0, cfg.num_symbols, (rows, 1), generator=generator) + _SYMBOL0
         return torch.full((rows, 1), _BOS), torch.cat([x, fill, sep, x], dim=1)
     values = torch.randint(0, cfg.num_symbols, (rows, cfg.pairs), generator=generator) + _SYMBOL0
@@ -120,7 +124,8 @@ def recall_batch(cfg: MechanismConfig, rows: int, generator: torch.Generator) ->
     gaps = torch.randint(0, cfg.num_symbols, (rows, cfg.pairs + 1, cfg.key_gap), generator=generator) + _SYMBOL0
     stored = torch.cat([keys[..., None], gaps[:, :-1], values[..., None]], dim=-1).reshape(rows, -1)
     query = torch.cat([keys.gather(1, q), gaps[:, -1], values.gather(1, q)], dim=1)
-    return torch.full((rows, 1), _BOS), torch.cat([stored, fill, sep, query], 1)
+    lead = torch.randint(0, cfg.num_symbols, (rows, cfg.lead), generator=generator) + _SYMBOL0
+    return torch.full((rows, 1), _BOS), torch.cat([lead, stored, fill, sep, query], 1)
 
 
 def _plan(cfg: MechanismConfig, method: str) -> CachePlan:
@@ -198,4 +203,6 @@ def run_mechanism(cfg: MechanismConfig, method: str, progress: bool = False) -> 
     losses = train_recall(model, cfg, method, progress)
     tail = losses[-max(1, len(losses) // 10):]
     acc = recall_accuracy(model, cfg, method, torch.Generator().manual_seed(cfg.seed + 2))
-    return MechanismResult(method, acc, 1.0 / cfg.num_symbols, sum(tail) / len(tail), time.perf_counter() - t0)
+    parts = torch.tensor(losses, dtype=torch.float64).tensor_split(min(12, len(losses)))
+    curve = tuple(round(float(p.mean()), 3) for p in parts)
+    return MechanismResult(method, acc, 1.0 / cfg.num_symbols, sum(tail) / len(tail), time.perf_counter() - t0, curve)

@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                    **dataclasses.asdict(res)}
             tracker.log_params({"method": method, **{k: str(v) for k, v in sets.items()}})
             tracker.log_metrics({"accuracy": res.accuracy, "final_loss": res.final_loss, "seconds": res.seconds}, 0)
+            for i, loss in enumerate(res.curve):  # one point per twelfth of the steps: where the plateau ends
+                tracker.log_metrics({"loss_curve": loss}, i)
             tracker.close()
             _record(out, row)
         return 0

@@ -38,6 +38,15 @@ def test_key_gap_puts_random_symbols_between_each_key_and_its_value():
     assert not torch.equal(query[:, 1:3], stored[torch.arange(64), k, 1:3])  # the gap is fresh noise, not a copy
 
 
+def test_lead_puts_random_symbols_before_the_first_key():
+    cfg = MechanismConfig(fillers=5, lead=6)
+    _, tokens = recall_batch(cfg, 64, torch.Generator().manual_seed(0))
+    assert tokens.shape == (64, cfg.lead + 2 * 2 + cfg.fillers + 1)  # keyed form, one pair, no gap
+    lead, key, value = tokens[:, :cfg.lead], tokens[:, cfg.lead], tokens[:, cfg.lead + 1]
+    assert ((lead >= 65) & (lead < 65 + cfg.num_symbols)).all() and lead.unique().numel() == cfg.num_symbols
+    assert (key == key[0]).all() and torch.equal(tokens[:, -2], key) and torch.equal(tokens[:, -1], value)
+
+
 def test_events_evict_the_configured_number_of_tokens():
     from pte.mechanism import _plan
 
@@ -48,7 +57,9 @@ def test_events_evict_the_configured_number_of_tokens():
 
 
 def test_pte_recalls_what_eviction_removed(results):
-    assert results["pte"].accuracy >= 0.9, results["pte"]
+    r = results["pte"]
+    assert r.accuracy >= 0.9, r
+    assert len(r.curve) == 12 and r.curve[-1] < r.curve[0]  # the loss over twelfths of the 100 steps
 
 
 def test_full_cache_solves_the_task(results):
@@ -80,24 +91,16 @@ def test_gradient_reaches_every_part_of_the_state(one_thread):
         assert any(not torch.equal(before[n], after[n].detach()) for n in names), f"{part} did not change"
 
 
-def test_write_gate_keeps_the_value_among_distractors(one_thread):
-    """16 random distractors are evicted with the value; #Global-0 with the write gate still recalls it (measured
-    99.6%; the paper's form 50.8% and #Global-0 without the gate 83.2% in the same steps, docs/evaluation.md)."""
+def test_context_write_binds_a_value_to_its_key_mid_thought(one_thread):
+    """The stored pair sits after 8 random symbols and before 16 more, so only its content (the key before the
+    value) tells it apart: a context write that reaches the key (c = 2) recalls the value (measured 97.7%), while the
+    paper's per-token write (19.5%) and the write gate (22.3%) stay near chance (docs/evaluation.md, fourth study
+    session; at the first positions of the thought both recall it by position alone)."""
     from pte.config import PTEConfig
 
-    cfg = dataclasses.replace(CFG, steps=300, fillers=16, distractors=True, pte=PTEConfig(write_gate=True))
+    cfg = dataclasses.replace(CFG, steps=300, fillers=16, distractors=True, lead=8,
+                              pte=PTEConfig(write_context=2, gate_horizon=64))
     prompt, tokens = recall_batch(cfg, 4, torch.Generator().manual_seed(0))
-    assert tokens.shape == (4, 2 + 16 + 3) and torch.equal(tokens[:, 1], tokens[:, -1])
-    r = run_mechanism(cfg, "pte_no_global")
-    assert r.accuracy >= 0.9, r
-
-
-def test_context_write_binds_a_value_to_a_key_three_tokens_earlier(one_thread):
-    """With three random symbols between key and value the paper's per-token write cannot bind them (16.8%,
-    docs/evaluation.md); a context write that reaches the key (c = 5) recalls the value (measured 98.4%)."""
-    from pte.config import PTEConfig
-
-    cfg = dataclasses.replace(CFG, steps=300, fillers=16, distractors=True, key_gap=3,
-                              pte=PTEConfig(write_context=5, gate_horizon=64))
+    assert tokens.shape == (4, 8 + 2 + 16 + 3) and torch.equal(tokens[:, 8], tokens[:, -2])
     r = run_mechanism(cfg, "pte_no_global")
     assert r.accuracy >= 0.9, r
