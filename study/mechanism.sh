@@ -70,3 +70,30 @@ $S --tag smol-keygap1-d16 --methods pte_no_global --set steps=60 --set distracto
 $S --tag smol-keygap1-d16-context3 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 \
    --set key_gap=1 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart --set pte.write_context=3 \
    --set pte.gate_horizon=64
+# Fourth session. The stored pair mid-thought (lead: random symbols before the key), so that only its content, not its
+# position among the first tokens of the thought, tells it apart.
+$S --tag smol-d16-lead8 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=16 --set lead=8 \
+   --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+$S --tag d16-lead8 --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 --set lead=8
+$S --tag d16-lead8-gate --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 --set lead=8 \
+   --set pte.write_gate=true
+$S --tag d16-lead8-context2 --methods pte_no_global --set steps=300 --set distractors=true --set fillers=16 --set lead=8 \
+   --set pte.write_context=2 --set pte.gate_horizon=64
+for n in 60 150 300 600; do
+  $S --tag d16-lead8-context2-b16-$n --methods pte_no_global --set steps=$n --set batch_size=16 --set distractors=true \
+     --set fillers=16 --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64
+done
+for n in 150 300; do
+  $S --tag d16-lead8-context2-b16-$n-lr1e-2 --methods pte_no_global --set steps=$n --set lr=0.01 --set batch_size=16 \
+     --set distractors=true --set fillers=16 --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64
+done
+for n in 300 600; do
+  $S --tag keygap3-d16-lead8-context5$( [ $n = 600 ] && echo -600 ) --methods pte_no_global --set steps=$n \
+     --set distractors=true --set fillers=16 --set lead=8 --set key_gap=3 --set pte.write_context=5 --set pte.gate_horizon=64
+done
+$S --tag keygap9-d16-lead8-context11-600 --methods pte_no_global --set steps=600 --set distractors=true --set fillers=16 \
+   --set lead=8 --set key_gap=9 --set pte.write_context=11 --set pte.gate_horizon=64
+for p in 2 4; do
+  $S --tag pairs$p-d16-lead8-context2 --methods pte_no_global --set steps=300 --set pairs=$p --set distractors=true \
+     --set fillers=16 --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64
+done
