@@ -1,6 +1,5 @@
 """One-off: the mechanism with a fixed per-layer mean subtracted from the evicted K/V (monkeypatched). Arguments: model c
-center(0|1) steps batch key_gap."""
-"""One-off diagnostic: subtract a fixed per-layer mean from evicted K/V before the write (monkeypatched)."""
+center(0|1) steps batch key_gap [avg: the kernel initialised to 1/c per tap]."""
 import json, sys, dataclasses, torch
 from pte.mechanism import MechanismConfig, recall_batch, run_mechanism
 from pte.models import load_model
@@ -25,5 +24,13 @@ if center:
     def observe(self, keys, values, active):
         return orig(self, keys.float() - mk[:, None, None], values.float() - mv[:, None, None], active)
     SegmentState.observe = observe
+if len(sys.argv) > 7 and sys.argv[7] == "avg":  # the context kernel starts as a box filter (1/c per tap)
+    from pte.state import ThoughtEncoder
+    _init = ThoughtEncoder.__init__
+    def init(self, *a, **k):
+        _init(self, *a, **k)
+        with torch.no_grad():
+            self.context_k.fill_(1.0 / c); self.context_v.fill_(1.0 / c)
+    ThoughtEncoder.__init__ = init
 r = run_mechanism(cfg, "pte_no_global", progress=False)
-print(json.dumps(dict(model=model_path, c=c, center=center, steps=steps, key_gap=cfg.key_gap, acc=r.accuracy, loss=r.final_loss, s=r.seconds)))
+print(json.dumps(dict(model=model_path, c=c, center=center, init=(sys.argv[7] if len(sys.argv) > 7 else "ident"), steps=steps, key_gap=cfg.key_gap, acc=r.accuracy, loss=r.final_loss, s=r.seconds)))
