@@ -97,3 +97,12 @@ for p in 2 4; do
   $S --tag pairs$p-d16-lead8-context2 --methods pte_no_global --set steps=300 --set pairs=$p --set distractors=true \
      --set fillers=16 --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64
 done
+# How early is "early"? The pair after 2 random symbols, few or more distractors, with and without the context write.
+for f in 2 6; do
+  $S --tag smol-d$f-lead2-context2 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=$f --set lead=2 \
+     --set pte.write_context=2 --set pte.gate_horizon=64 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+done
+$S --tag smol-d6-lead2 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=6 --set lead=2 \
+   --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+$S --tag smol-d6-lead8-context2 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=6 --set lead=8 \
+   --set pte.write_context=2 --set pte.gate_horizon=64 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
