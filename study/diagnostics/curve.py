@@ -1,5 +1,6 @@
 """One-off: the mechanism learning curve with variants the settings do not offer (monkeypatched): context kernel init
-(ident | ones | avg), an encoder learning-rate multiplier, an alpha multiplier, rank and G. key=value arguments."""
+(ident | ones | avg), an encoder learning-rate multiplier, an alpha multiplier, rank and G. key=value arguments. The curve is
+the loss over twelfths of the steps (MechanismResult.curve)."""
 import json, sys, dataclasses, torch
 import pte.mechanism as M
 from pte.config import PTEConfig
@@ -35,9 +36,5 @@ orig_build = M.build_model
 def build(cfg, method):
     m = orig_build(cfg, method); M._model = m; return m
 M.build_model = build
-model_ = build(cfg, METHOD)
-print(sorted({n.split('.')[-1] for n, p in model_.named_parameters() if p.requires_grad and "encoder" in n}), file=sys.stderr)
-losses = M.train_recall(model_, cfg, METHOD)
-curve = [round(sum(losses[i:i+25])/25, 2) for i in range(0, len(losses), 25)]
-acc = M.recall_accuracy(model_, cfg, METHOD, torch.Generator().manual_seed(cfg.seed + 2))
-print(json.dumps(dict(args=args, acc=acc, curve=curve)))
+r = M.run_mechanism(cfg, METHOD)  # builds through the patched build_model
+print(json.dumps(dict(args=args, acc=r.accuracy, curve=r.curve)))

@@ -1,22 +1,18 @@
 """One-off: how much of the pre-RoPE keys' (and values') variance across thinking tokens is explained by the token's
-identity and how much by its position, per layer, over the random-symbol tokens of mechanism rows (16 distractors,\nlead 8; each position holds any symbol, so the two are not confounded). Argument: the model."""
+identity and how much by its position, per layer, over the random-symbol tokens of mechanism rows (16 distractors,
+lead 8; each position holds any symbol, so the two are not confounded). Argument: the model."""
 import sys
 
 import torch
 
-from pte.mechanism import MechanismConfig, recall_batch
+from common import thinking_kv
+from pte.mechanism import MechanismConfig
 from pte.models import load_model
-from pte.state import flatten_heads, unrotate_keys
 
 torch.set_num_threads(1)
 model, _ = load_model(sys.argv[1], seed=0)
 cfg = MechanismConfig(distractors=True, fillers=16, lead=8)
-p, t = recall_batch(cfg, 256, torch.Generator().manual_seed(0))
-ids = torch.cat([p, t], 1)
-with torch.no_grad():
-    out = model(ids, use_cache=True)
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-    cos, sin = model.model.rotary_emb(out.past_key_values.layers[0].keys, pos)
+t, K, V = thinking_kv(model, cfg, 256, 0)
 
 
 def explained(x: torch.Tensor, groups: torch.Tensor) -> float:
@@ -31,9 +27,7 @@ tok = t.reshape(-1)
 where = torch.arange(t.shape[1]).expand(t.shape[0], -1).reshape(-1)
 symbol = (tok >= 65) & (tok < 65 + cfg.num_symbols)  # random symbols only: every position holds any of them
 rows = []
-for i, layer in enumerate(out.past_key_values.layers):
-    k = flatten_heads(unrotate_keys(layer.keys, cos, sin))[:, 1:].reshape(-1, layer.keys.shape[1] * layer.keys.shape[-1])
-    v = flatten_heads(layer.values)[:, 1:].reshape(-1, layer.values.shape[1] * layer.values.shape[-1])
+for k, v in zip(K.flatten(1, 2), V.flatten(1, 2)):
     k, v, tk, wh = k[symbol], v[symbol], tok[symbol], where[symbol]
     rows.append([explained(k, tk), explained(k, wh), explained(v, tk), explained(v, wh)])
 r = torch.tensor(rows)

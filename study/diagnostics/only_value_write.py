@@ -18,8 +18,5 @@ def observe(self, keys, values, active):
     mask = torch.tensor([int(i) in want for i in idx], dtype=torch.float32)[None, None, :, None]
     return _obs(self, keys.float() * mask, values.float() * mask, active)
 SegmentState.__init__, SegmentState.observe = init, observe
-model = M.build_model(cfg, "pte_no_global")
-losses = M.train_recall(model, cfg, "pte_no_global")
-parts = torch.tensor(losses).tensor_split(12)
-acc = M.recall_accuracy(model, cfg, "pte_no_global", torch.Generator().manual_seed(2))
-print(json.dumps(dict(args=args, acc=acc, curve=[round(float(p.mean()), 2) for p in parts])))
+r = M.run_mechanism(cfg, "pte_no_global")
+print(json.dumps(dict(args=args, acc=r.accuracy, curve=r.curve)))

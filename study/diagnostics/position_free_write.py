@@ -10,9 +10,10 @@ import sys
 import torch
 
 import pte.mechanism as M
+from common import thinking_kv
 from pte.config import PTEConfig
 from pte.models import load_model
-from pte.state import SegmentState, flatten_heads, unrotate_keys
+from pte.state import SegmentState
 
 torch.set_num_threads(1)
 args = dict(a.split("=") for a in sys.argv[1:])
@@ -22,12 +23,7 @@ cfg = M.MechanismConfig(model=args.get("model", "random:llama-tiny-wide"), distr
                         pte=PTEConfig(write_context=int(args.get("c", 2)), gate_horizon=64))
 k_dirs = int(args.get("k", 8))
 model, _ = load_model(cfg.model, seed=0)
-p, t = M.recall_batch(cfg, 256, torch.Generator().manual_seed(123))
-ids = torch.cat([p, t], 1)
-with torch.no_grad():
-    out = model(ids, use_cache=True)
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-    cos, sin = model.model.rotary_emb(out.past_key_values.layers[0].keys, pos)
+t, K, V = thinking_kv(model, cfg, 256, 123)
 symbol = (t >= 65) & (t < 65 + cfg.num_symbols)  # [B, T]
 
 
@@ -39,12 +35,8 @@ def projector(x: torch.Tensor):
     return mean, torch.eye(x.shape[-1]) - u @ u.T
 
 
-proj_k, proj_v = [], []
-for layer in out.past_key_values.layers:
-    proj_k.append(projector(flatten_heads(unrotate_keys(layer.keys, cos, sin))[:, 1:].float()))
-    proj_v.append(projector(flatten_heads(layer.values)[:, 1:].float()))
-mk, pk = (torch.stack(z) for z in zip(*proj_k))
-mv, pv = (torch.stack(z) for z in zip(*proj_v))
+mk, pk = (torch.stack(z) for z in zip(*map(projector, K)))
+mv, pv = (torch.stack(z) for z in zip(*map(projector, V)))
 _obs = SegmentState.observe
 
 

@@ -1,23 +1,19 @@
 """Fraction of the state's variance explained by the recalled value at init (demo vs tiny, centred or not)."""
 import sys, torch
-from pte.mechanism import MechanismConfig, recall_batch, build_model
+from common import thinking_kv
+from pte.mechanism import MechanismConfig, build_model
 from pte.adapters import find_pte
-from pte.state import unrotate_keys, flatten_heads, normalize_rows, context_mix
+from pte.state import normalize_rows, context_mix
 from pte.config import PTEConfig
 torch.set_num_threads(1)
 model_path = sys.argv[1]
 cfg = MechanismConfig(model=model_path, distractors=True, fillers=16, lead=8, pte=PTEConfig(write_context=2))
 model = build_model(cfg, "pte_no_global")
 enc = find_pte(model).encoder
-p, t = recall_batch(cfg, 256, torch.Generator().manual_seed(5))
-ids = torch.cat([p, t], 1)
 n_ev = cfg.lead + 2 + cfg.fillers  # thinking tokens evicted before SEP (pair mid-thought)
+t, K, V = thinking_kv(model, cfg, 256, 5)
+K, V = K[:, :, :n_ev], V[:, :, :n_ev]  # [L, B, n, d]
 with torch.no_grad():
-    out = model(ids, use_cache=True)
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-    cos, sin = model.model.rotary_emb(out.past_key_values.layers[0].keys, pos)
-    K = torch.stack([flatten_heads(unrotate_keys(l.keys, cos, sin))[:, 1:1 + n_ev] for l in out.past_key_values.layers])
-    V = torch.stack([flatten_heads(l.values)[:, 1:1 + n_ev] for l in out.past_key_values.layers])  # [L, B, n, d]
     qa, _ = enc.project_globals(find_pte(model)._layers())
     label = t[:, cfg.lead + 1]
     def frac(S):  # S [L, B, G, r] -> between-class variance fraction per layer
