@@ -151,6 +151,12 @@ class PTEConfig:
     its line's variable a few tokens earlier (docs/method.md, "Context write"). Initialised to the identity, so a
     fresh adapter is the paper's form. Its parameters learn in the replay like the gate's (``gate_horizon``)."""
 
+    write: Literal["linear", "softmax"] = "linear"
+    """``linear``: the paper's event term, a sum over evicted tokens weighted by ``(q_g Wa_Q)(k_t Wa_K)^T``.
+    ``softmax`` (not the paper): each global query pools the values of every token evicted so far with softmax
+    weights over those scores (kept exactly across events by a running max and sum), so a score every token shares,
+    such as the mean key, cannot swamp the token that matters (docs/method.md, "Softmax write"). The replay
+    recomputes the last ``gate_horizon`` events with gradient and folds older ones in detached."""
     read: Literal["linear", "softmax"] = "linear"
     """``linear``: the paper's adapter ``A (S (B x))``. ``softmax`` (not the paper): ``A softmax(S (B x))`` over the G
     rows of S, a selective read in which the best-matching row answers instead of a linear mix of all
@@ -164,6 +170,12 @@ class PTEConfig:
             raise ValueError(f"pte.write_context = {self.write_context} needs pte.normalize: accumulate (the replay "
                              "recomputes recent events with gradient only in that form); set write_context: 1 or "
                              "normalize: accumulate.")
+        if self.write not in ("linear", "softmax"):
+            raise ValueError(f"pte.write = {self.write!r} is unknown; allowed: linear (the paper), softmax.")
+        if self.write == "softmax" and (self.write_gate or self.normalize == "recursive"):
+            raise ValueError("pte.write = 'softmax' selects the tokens it keeps itself and pools every event exactly: "
+                             "it needs pte.write_gate: false and pte.normalize: accumulate (got write_gate = "
+                             f"{self.write_gate}, normalize = {self.normalize!r}).")
         if self.read not in ("linear", "softmax"):
             raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax.")
         check_range("pte.eps", self.eps, 0.0, lo_open=True)

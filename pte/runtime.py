@@ -78,6 +78,19 @@ class Runtime:
             torch.set_num_threads(cfg.threads)
 
 
+def _skip_shm_op() -> None:
+    """Keep DeepSpeed from JIT-loading its shared-memory all-reduce op in a single CPU process.
+
+    The op only speeds up all-reduce between processes on one host, so a lone process never uses it, but loading it
+    takes torch's extension-build file lock; a process killed while holding that lock leaves it behind and every later
+    load waits on it forever. DeepSpeed skips an op marked incompatible (``deepspeed.comm.torch.build_shm_op``).
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
     """Wrap ``model`` in a DeepSpeed engine that optimizes only its trainable (adapter) parameters.
 
@@ -93,6 +106,8 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        if runtime.device.type == "cpu" and world_size() == 1:
+            _skip_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if runtime.device.type == "cuda" else "gloo")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -12,9 +12,13 @@ Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
   ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)``: ``S'_e = (q_g Wa_Q)(diag(beta) K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)``;
 * with ``pte.write_context = c > 1`` (not the paper) the evicted keys and values are first mixed by a learned causal
   depthwise convolution over the evicted sequence, ``k~_t = sum_j w^K_{l,j} * k_{t-j}`` (j < c, likewise v), the
-  last c - 1 tokens of the previous event carried over (:func:`context_mix`).
+  last c - 1 tokens of the previous event carried over (:func:`context_mix`);
+* with ``pte.write = softmax`` (not the paper) the event terms are replaced by softmax attention pooling of the
+  global queries over every token evicted so far, ``P = softmax_t((q_g Wa_Q)(k_t Wa_K)^T / sqrt(r)) (V Wa_V)``, kept
+  exactly across events as a running (max, sum, weighted sum) (:func:`pool_event`, :func:`merge_pools`), and
+  ``S = Normalize(S_g + P)``.
 
-No softmax: the paper's form is linear. Evicted K/V enter detached. The state math runs in fp32 whatever the
+The paper's form is linear (no softmax). Evicted K/V enter detached. The state math runs in fp32 whatever the
 model's dtype: the encoder's parameters are cast at use, because DeepSpeed's bf16 mode casts the whole module,
 encoder included (``docs/method.md``, "Precision"). The pure functions below are the
 math; :class:`ThoughtEncoder` holds the trainable parameters and :class:`ThoughtState` the per-batch
@@ -37,7 +41,10 @@ __all__ = [
     "event_state",
     "flatten_heads",
     "global_state",
+    "merge_pools",
     "normalize_rows",
+    "pool_event",
+    "pooled",
     "unrotate_keys",
 ]
 
@@ -116,6 +123,47 @@ def context_mix(x: torch.Tensor, carry: torch.Tensor, kernel: torch.Tensor) -> t
     c, m = kernel.shape[1], x.shape[-2]
     seq = torch.cat([carry, x], dim=-2)  # [L, B, c - 1 + m, d]
     return sum(kernel[:, None, j, None, :] * seq[..., c - 1 - j:c - 1 - j + m, :] for j in range(c))
+
+
+Pool = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""Softmax-pool statistics ``(max [.., G, 1], sum [.., G, 1], weighted sum [.., G, r])`` over the tokens seen."""
+
+
+def pool_event(qa: torch.Tensor, ke: torch.Tensor, ve: torch.Tensor) -> Pool:
+    """Softmax-pool statistics of one event: scores ``s = qa ke^T / sqrt(r)`` per global query and token.
+
+    Args:
+        qa: ``[L, G, r]`` projected global queries.
+        ke, ve: ``[L, B, m, r]`` projected evicted keys and values.
+
+    Returns:
+        ``(mx, z, n)``: ``mx = max_t s`` ``[L, B, G, 1]`` (detached: the pooled state does not depend on it),
+        ``z = sum_t exp(s - mx)`` ``[L, B, G, 1]`` and ``n = sum_t exp(s - mx) ve_t`` ``[L, B, G, r]``.
+    """
+    scores = qa.unsqueeze(1) @ ke.transpose(-1, -2) / math.sqrt(qa.shape[-1])  # [L, B, G, m]
+    mx = scores.detach().amax(-1, keepdim=True)
+    w = torch.exp(scores - mx)
+    return mx, w.sum(-1, keepdim=True), w @ ve
+
+
+def merge_pools(old: Pool | None, new: Pool, keep: torch.Tensor) -> Pool:
+    """Pool statistics over the tokens of both (the online softmax); rows with ``keep`` 0 keep ``old``.
+
+    ``old`` None = nothing pooled yet (an empty pool: max -inf, sums 0). ``keep``: ``[1, B, 1, 1]`` 0/1.
+    """
+    if old is None:
+        old = (torch.full_like(new[0], torch.finfo(new[0].dtype).min), torch.zeros_like(new[1]),
+               torch.zeros_like(new[2]))
+    mx = torch.maximum(old[0], new[0])
+    a, b = torch.exp(old[0] - mx), torch.exp(new[0] - mx)
+    merged = (mx, old[1] * a + new[1] * b, old[2] * a + new[2] * b)
+    keep = keep.bool()
+    return tuple(torch.where(keep, m, o) for m, o in zip(merged, old, strict=True))  # type: ignore[return-value]
+
+
+def pooled(pool: Pool) -> torch.Tensor:
+    """The pooled values ``n / z`` ``[L, B, G, r]`` (zeros for rows that pooled nothing)."""
+    return pool[2] / pool[1].clamp_min(torch.finfo(pool[1].dtype).tiny)
 
 
 def context_carry(x: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
@@ -249,6 +297,7 @@ class ThoughtState:
         self.current = normalize_rows(self.acc, cfg.eps)  # [L, B, G, r]
         self.num_updates = 0
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # write_context: last c - 1 raw evicted K, V
+        self.pool: Pool | None = None  # write = softmax: the pooled events
 
     def update(self, ke: torch.Tensor, ve: torch.Tensor, active: torch.Tensor) -> None:
         """Fold one event into the state.
@@ -259,8 +308,13 @@ class ThoughtState:
         """
         if not self.cfg.event_updates:
             return
+        keep = active.view(1, -1, 1, 1).to(torch.float32)
+        if self.cfg.write == "softmax":  # acc stays S_g; the pool holds the events
+            self.pool = merge_pools(self.pool, pool_event(self.qa, ke, ve), keep)
+            self.current = normalize_rows(self.acc + pooled(self.pool), self.cfg.eps)
+            self.num_updates += 1
+            return
         s_event = event_state(self.qa, ke, ve)  # [L, B, G, r]
-        keep = active.view(1, -1, 1, 1).to(s_event.dtype)
         if self.cfg.normalize == "recursive":
             new = normalize_rows(self.current + s_event, self.cfg.eps)
             self.current = keep * new + (1 - keep) * self.current
@@ -282,7 +336,9 @@ class SegmentState:
     ``S^(k-1)`` enters detached (truncated backpropagation through the state chain). With ``write_gate`` or
     ``write_context`` the sum is no longer linear in the parameters: the last ``gate_horizon`` events keep their raw
     K/V (and the carry before them) and are recomputed with gradient in every segment, older ones are folded into
-    the detached sum with the gates and mixing they had.
+    the detached sum with the gates and mixing they had. ``write = softmax`` likewise keeps the last ``gate_horizon``
+    events with gradient and folds older ones detached into a running pool (:func:`merge_pools`; exact values, the
+    parameters do not change within a replay).
 
     Args:
         encoder: the thought encoder. layers: the model's decoder layers. batch_size: B. cfg: the PTE settings.
@@ -297,6 +353,7 @@ class SegmentState:
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # recursive: (K, V, keep), new event
         self.previous: torch.Tensor | None = None  # recursive: S^(k-1), detached
         self.current: torch.Tensor | None = None  # [L, B, G, r] the state in use
+        self.pool: Pool | None = None  # write = softmax: events older than the horizon, detached
 
     def observe(self, keys: torch.Tensor, values: torch.Tensor, active: torch.Tensor) -> None:
         """Record one event from pre-RoPE ``keys``/``values`` ``[L, B, m, d_kv]`` (rows not ``active`` are skipped)."""
@@ -307,10 +364,10 @@ class SegmentState:
         if self.cfg.normalize == "recursive":
             self.previous = None if self.current is None else self.current.detach()
             self.last = (keys, values, keep)
-        elif self.cfg.write_gate or self.cfg.write_context > 1:
+        elif self.cfg.write_gate or self.cfg.write_context > 1 or self.cfg.write == "softmax":
             before, self.carry = self.encoder.carries(keys, values, self.carry)
             self.recent.append((keys, values, keep, *before))
-            if len(self.recent) > self.cfg.gate_horizon:
+            if len(self.recent) > self.cfg.gate_horizon and self.cfg.write == "linear":  # softmax: in build()
                 with torch.no_grad():
                     self._fold(self._kv(*self._mixed(self.recent.pop(0))))
         else:
@@ -351,10 +408,27 @@ class SegmentState:
             new = normalize_rows(prev + self._event_term(qa, keys, values, torch.ones_like(keep)), self.cfg.eps)
             self.current = keep * new + (1 - keep) * prev
             return self.current
+        if self.cfg.write == "softmax":
+            return self._build_pooled(qa, base)
         terms = [] if self.kv_sum is None else [self._events_term(qa, self.kv_sum)]
         terms += [self._event_term(qa, *self._mixed(e)) for e in self.recent]  # recent events, with gradient
         if self.cfg.normalize == "recursive" or not terms:
             self.current = normalize_rows(base, self.cfg.eps)
         else:
             self.current = normalize_rows(base + sum(terms), self.cfg.eps)
+        return self.current
+
+    def _pool(self, qa: torch.Tensor, pool: Pool | None, event: tuple[torch.Tensor, ...]) -> Pool:
+        keys, values, keep = self._mixed(event)
+        return merge_pools(pool, pool_event(qa, *self.encoder.project_evicted(keys, values)), keep)
+
+    def _build_pooled(self, qa: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``write = softmax``: fold events beyond the horizon into the detached pool, pool the recent ones on top."""
+        while len(self.recent) > self.cfg.gate_horizon:
+            with torch.no_grad():
+                self.pool = self._pool(qa.detach(), self.pool, self.recent.pop(0))
+        pool = self.pool
+        for event in self.recent:
+            pool = self._pool(qa, pool, event)
+        self.current = normalize_rows(base if pool is None else base + pooled(pool), self.cfg.eps)
         return self.current

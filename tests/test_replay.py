@@ -97,6 +97,23 @@ def test_replay_with_context_write_equals_rollout(horizon, gate):
     assert (lp[m] - alone[m]).abs().max() > 1e-3  # the mixing acts
 
 
+@pytest.mark.parametrize("horizon", [2, 64])  # 2: older events are pooled detached; 64: all keep gradient
+@pytest.mark.parametrize("context", [1, 3])
+def test_replay_with_softmax_write_equals_rollout(horizon, context):
+    model, tok = _policy("pte", write="softmax", gate_horizon=horizon, write_context=context)
+    if context > 1:
+        _random_context(model)
+    out = _rollout(model, tok, temperature=0.9)
+    with torch.no_grad():
+        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+        model.pte_adapter.pte_cfg = model.pte_adapter.encoder.cfg = PTEConfig(  # the same weights, a linear write
+            global_tokens=4, gate_horizon=horizon, write_context=context)
+        linear = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+    m = out.mask.bool()
+    torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
+    assert (lp[m] - linear[m]).abs().max() > 1e-3  # the pooled write acts differently
+
+
 def test_fresh_context_write_is_the_paper_form():
     """The kernels start at the identity (tap 0 = 1): a fresh adapter writes each token alone."""
     lps = []
@@ -135,11 +152,12 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+gate", "pte+context"])
+@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+gate", "pte+context", "pte+softmax"])
 def test_segment_wise_backward_equals_full_graph(method):
     gate, context = method == "pte+gate", method == "pte+context"
     model, tok = _policy("pte" if "+" in method else method, **({"write_gate": True} if gate else {}),
-                         **({"write_context": 3} if context else {}))
+                         **({"write_context": 3} if context else {}),
+                         **({"write": "softmax", "gate_horizon": 3} if method == "pte+softmax" else {}))
     if context:
         _random_context(model)
     out = _rollout(model, tok)

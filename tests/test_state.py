@@ -53,10 +53,11 @@ def test_state_formulas_by_hand():
     torch.testing.assert_close(n, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
 
 
-@pytest.mark.parametrize("family", ["llama-tiny", "qwen3-tiny"])
-def test_state_after_k_events_equals_direct_computation(monkeypatch, family):
+@pytest.mark.parametrize("family,write", [("llama-tiny", "linear"), ("qwen3-tiny", "linear"),
+                                          ("llama-tiny", "softmax")])
+def test_state_after_k_events_equals_direct_computation(monkeypatch, family, write):
     model, tok = tiny(family)
-    attach_adapter(model, "pte", AdapterConfig(rank=8), PTEConfig(global_tokens=4))
+    attach_adapter(model, "pte", AdapterConfig(rank=8), PTEConfig(global_tokens=4, write=write))
     pte = find_pte(model)
     layers = model.get_decoder().layers
     pre_rope_keys, values_seen = {i: [] for i in range(len(layers))}, {i: [] for i in range(len(layers))}
@@ -92,6 +93,7 @@ def test_state_after_k_events_equals_direct_computation(monkeypatch, family):
         qa_all, sg_all = pte.encoder.project_globals(layers)
         acc = {i: sg_all[i].expand(ids.shape[0], -1, -1).clone() for i in range(len(layers))}
         r = pte.adapter_cfg.rank
+        seen = {i: [] for i in range(len(layers))}  # softmax: every (row, ka, va) evicted so far, one row at a time
         for k, (evicted, active, state) in enumerate(events):
             lo, hi = k * e, (k + 1) * e
             for i in range(len(layers)):
@@ -102,6 +104,16 @@ def test_state_after_k_events_equals_direct_computation(monkeypatch, family):
                 torch.testing.assert_close(flatten_heads(evicted.values[i]), vals[i][:, lo:hi])
                 ka = keys[i][:, lo:hi] @ pte.encoder.wa_k[i]
                 va = vals[i][:, lo:hi] @ pte.encoder.wa_v[i]
+                if write == "softmax":  # every kept token so far, pooled by one softmax per global query
+                    seen[i] += [(b, ka[b], va[b]) for b in range(ids.shape[0]) if active[b]]
+                    direct = acc[i].clone()
+                    for b in range(ids.shape[0]):
+                        kb = torch.cat([x for row, x, _ in seen[i] if row == b])
+                        vb = torch.cat([y for row, _, y in seen[i] if row == b])
+                        direct[b] += torch.softmax(qa_all[i] @ kb.T / math.sqrt(r), -1) @ vb
+                    direct = direct / direct.norm(dim=-1, keepdim=True)
+                    torch.testing.assert_close(state[i], direct, atol=1e-5, rtol=1e-5)
+                    continue
                 s_e = qa_all[i] @ ka.transpose(1, 2) @ va / (math.sqrt(r) * e)
                 acc[i] = acc[i] + active.view(-1, 1, 1) * s_e
                 direct = acc[i] / acc[i].norm(dim=-1, keepdim=True)
@@ -133,3 +145,32 @@ def test_context_write_settings_are_validated():
     with pytest.raises(ValueError, match="needs pte.normalize: accumulate"):
         PTEConfig(write_context=3, normalize="recursive")
     assert PTEConfig(write_context=1, normalize="recursive").write_context == 1  # the paper's write fits both forms
+
+
+def test_softmax_pool_event_by_event_equals_one_softmax_over_the_kept_tokens():
+    from pte.state import merge_pools, pool_event, pooled
+
+    gen = torch.Generator().manual_seed(0)
+    qa = torch.randn(2, 3, 4, generator=gen) * 30  # [L, G, r]; large scores: the running max must keep exp finite
+    ke, ve = torch.randn(2, 2, 9, 4, generator=gen), torch.randn(2, 2, 9, 4, generator=gen)  # [L, B, T, r]
+    events, keeps = [(0, 3), (3, 4), (4, 9)], [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]),
+                                                torch.tensor([1.0, 1.0])]  # row 1 skips the middle event
+    pool = None
+    for (lo, hi), keep in zip(events, keeps, strict=True):
+        pool = merge_pools(pool, pool_event(qa, ke[:, :, lo:hi], ve[:, :, lo:hi]), keep.view(1, -1, 1, 1))
+    for b, kept in enumerate([list(range(9)), [0, 1, 2, 4, 5, 6, 7, 8]]):
+        scores = qa @ ke[:, b, kept].transpose(-1, -2) / 2.0  # sqrt(r) = 2
+        torch.testing.assert_close(pooled(pool)[:, b], torch.softmax(scores, -1) @ ve[:, b, kept])
+    shifted = pool_event(qa, ke + torch.randn(2, 1, 1, 4, generator=gen) * 5, ve)  # the same vector on every key
+    torch.testing.assert_close(pooled(merge_pools(None, shifted, torch.ones(1, 2, 1, 1))),
+                               pooled(merge_pools(None, pool_event(qa, ke, ve), torch.ones(1, 2, 1, 1))))
+    empty = merge_pools(None, pool_event(qa, ke, ve), torch.zeros(1, 2, 1, 1))  # nothing kept: zeros, not NaN
+    assert torch.equal(pooled(empty), torch.zeros(2, 2, 3, 4))
+
+
+def test_softmax_write_settings_are_validated():
+    with pytest.raises(ValueError, match="pte.write = 'sum' is unknown"):
+        PTEConfig(write="sum")
+    for bad in ({"write_gate": True}, {"normalize": "recursive"}):
+        with pytest.raises(ValueError, match="needs pte.write_gate: false and pte.normalize: accumulate"):
+            PTEConfig(write="softmax", **bad)

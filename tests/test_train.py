@@ -268,6 +268,19 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
     assert len(read_metrics(killed / "out" / "metrics.jsonl")) == steps
 
 
+def test_one_cpu_process_trains_past_a_stale_extension_lock(tmp_path):
+    """A process killed while DeepSpeed JIT-loads its shm op leaves torch's build lock behind; a lone CPU process
+    never needs that op, so training must not wait on the lock (before the fix it waited forever)."""
+    run = _setup(tmp_path / "run", 1)
+    ext = tmp_path / "ext"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    res = subprocess.run(_pte("train", "--method", "lora", "--out", "out"), cwd=run, capture_output=True, text=True,
+                         env={**_clean_env(), "TORCH_EXTENSIONS_DIR": str(ext)}, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(read_metrics(run / "out" / "metrics.jsonl")) == 1
+
+
 def _two_procs(tmp: Path, stage: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
