@@ -106,3 +106,16 @@ $S --tag smol-d6-lead2 --methods pte_no_global --set steps=60 --set distractors=
    --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
 $S --tag smol-d6-lead8-context2 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=6 --set lead=8 \
    --set pte.write_context=2 --set pte.gate_horizon=64 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
+# Fifth session: the softmax write (pte.write=softmax, not the paper), pair mid-thought (lead 8). Results in
+# study/results/mechanism-5.jsonl; the one-off comparisons through study/diagnostics/softmax_write.py (same math,
+# monkeypatched, linear vs softmax in one harness) in study/results/diagnostics-5.jsonl.
+SM="--set distractors=true --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64 --set pte.write=softmax"
+$S --tag tiny-lead8-c2-softmax --methods pte_no_global --set steps=300 --set batch_size=16 --set fillers=16 \
+   --set eval_rows=128 $SM
+for p in 2 4; do
+  $S --tag tiny-lead8-c2-softmax-pairs$p --methods pte_no_global --set steps=300 --set fillers=16 --set pairs=$p \
+     --set eval_rows=128 $SM
+done
+SMOL="--set model=models/warmstart --set batch_size=16 --set eval_rows=128 --set fillers=6"
+$S --tag smol-d6-lead8-c2-softmax-600 --methods pte_no_global --set steps=600 $SMOL $SM
+$S --tag smol-d6-lead8-c2-softmax-pte-300 --methods pte --set steps=300 $SMOL $SM

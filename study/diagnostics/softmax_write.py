@@ -4,12 +4,13 @@ Instead of the paper's linear sum ``qa (K~^T V~) / (sqrt(r) m)`` each global que
 ``softmax_t(qa_g . k~_t / sqrt(r))``, over all tokens evicted so far (the replay keeps every event with gradient, so
 ``gate_horizon`` must cover the row). Softmax is invariant to a score shared by all tokens, so the mean key (75-93%
 of the demo model's key energy) drops out of the selection, and its gradient ``p_t (v~_t - S)`` is centred.
-Arguments: key=value (model, method, write, init=equal (1/c kernel start), c, steps, bs, fillers, lead, lr)."""
+Arguments: key=value (model, method, write, init=equal (1/c kernel start), tau (bounded scores), c, steps, bs, fillers, lead, lr)."""
 import json
 import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import pte.mechanism as M
 from pte.config import PTEConfig
@@ -17,6 +18,7 @@ from pte.state import SegmentState, normalize_rows
 
 torch.set_num_threads(1)
 args = dict(a.split("=") for a in sys.argv[1:])
+TAU = float(args.get("tau", 0))  # > 0: scores = tau * cos(q_g Wa_Q, k_t Wa_K), bounded in [-tau, tau]
 cfg = M.MechanismConfig(model=args.get("model", "random:llama-tiny-wide"), distractors=True,
                         fillers=int(args.get("fillers", 16)), lead=int(args.get("lead", 8)),
                         steps=int(args.get("steps", 60)), batch_size=int(args.get("bs", 16)), eval_rows=128,
@@ -46,6 +48,8 @@ def build(self):
         ve.append(pv)
         keep.append(kp.expand(-1, -1, k.shape[-2], -1)[..., 0])  # [1, B, m]
     ke, ve, keep = torch.cat(ke, -2), torch.cat(ve, -2), torch.cat(keep, -1)
+    if TAU:  # bounded scores: cosine of the projected query and key times a fixed temperature
+        qa, ke = F.normalize(qa, dim=-1) * TAU, F.normalize(ke, dim=-1) * math.sqrt(qa.shape[-1])
     scores = qa.unsqueeze(1) @ ke.transpose(-1, -2) / math.sqrt(qa.shape[-1])  # [L, B, G, M]
     scores = scores.masked_fill(keep.unsqueeze(-2) == 0, float("-inf"))
     pooled = torch.softmax(scores, -1).nan_to_num(0.0) @ ve  # [L, B, G, r]
