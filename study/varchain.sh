@@ -36,3 +36,10 @@ $D4 --tag d4-F-noglobal-gate-60 --methods pte_no_global $SFT --set train.steps=6
 $D4 --tag d4-F-lora_c-60 --methods lora_c $SFT --set train.steps=60 --set train.lr=0.003
 $D4 --tag d4-G-noglobal-gate-w100-60 --methods pte_no_global $SFT --set train.steps=60 --set train.lr=0.003 \
    --set pte.write_gate=true --set train.sft_recall_weight=100
+# Fifth session: the softmax write (pte.write=softmax, not the paper) with c = 2, and its LoRA_c twin; results in
+# study/results/varchain-5.jsonl. (The twin ran with --base /tmp/warmstart, a copy of models/warmstart taken while
+# a dvc repro was rewriting it; the same files.)
+$D4 --tag d4-H-noglobal-softmax-c2-w100-150 --methods pte_no_global $SFT --set train.steps=150 --set train.lr=0.003 \
+   --set pte.write=softmax --set pte.write_context=2 --set pte.gate_horizon=16 --set train.sft_recall_weight=100
+$D4 --tag d4-H-lora_c-w100-150 --methods lora_c $SFT --set train.steps=150 --set train.lr=0.003 \
+   --set train.sft_recall_weight=100
