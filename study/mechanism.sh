@@ -119,3 +119,6 @@ done
 SMOL="--set model=models/warmstart --set batch_size=16 --set eval_rows=128 --set fillers=6"
 $S --tag smol-d6-lead8-c2-softmax-600 --methods pte_no_global --set steps=600 $SMOL $SM
 $S --tag smol-d6-lead8-c2-softmax-pte-300 --methods pte --set steps=300 $SMOL $SM
+$S --tag smol-d6-lead8-c2-softmax-lr1e-3-300 --methods pte_no_global --set steps=300 --set lr=0.001 $SMOL $SM
+$S --tag smol-d6-lead8-c2-linear-lr1e-3-100 --methods pte_no_global --set steps=100 --set lr=0.001 $SMOL \
+   --set distractors=true --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64
