@@ -112,7 +112,15 @@ class TrainConfig:
     micro_batch: int = 8
     """Rows replayed and backpropagated together."""
     lr: float = 1e-5
-    """AdamW learning rate (constant)."""
+    """AdamW learning rate (the peak of ``lr_schedule``)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``constant``: ``lr`` at every step; ``cosine``: ``lr`` decayed along a half cosine to 0 after ``steps``, over
+    the last ``lr_decay_steps`` steps (:func:`pte.train.learning_rate`; a function of the step alone, so a resumed
+    run continues it)."""
+    lr_decay_steps: int | None = None
+    """``cosine`` only: the steps the decay spans, at the end of the run; ``lr`` is constant before them (a
+    warmup-stable-decay schedule without warm-up, ``transformers.get_wsd_schedule``). None = every step (plain
+    cosine)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -149,6 +157,11 @@ class TrainConfig:
     in the ``sft`` loss, a weighted token mean; every other token weighs 1, so 1 is the plain NLL. A study setting
     (docs/evaluation.md): a solution holds one recall token among about 100, and a large weight isolates the signal
     that only a memory of evicted thoughts can fit."""
+    sft_recall_steps: int | None = None
+    """Steps, from the first, whose ``sft`` loss weighs recall tokens by ``sft_recall_weight``; later steps weigh every
+    token 1 (the plain NLL). None = every step. A two-phase recipe (docs/evaluation.md, "Sixth study session"): the
+    weighted phase teaches the state to carry the evicted value, the plain phase repairs the other tokens that the
+    weight traded away."""
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""
@@ -179,6 +192,13 @@ class TrainConfig:
         check_range("train.threads", self.threads, 0)
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
         check_range("train.sft_recall_weight", self.sft_recall_weight, 0.0)
+        if self.lr_decay_steps is not None:
+            if self.lr_schedule != "cosine":
+                raise ValueError(f"params: `train.lr_decay_steps` = {self.lr_decay_steps} needs `train.lr_schedule: "
+                                 f"cosine` (it is {self.lr_schedule!r}); set the schedule or remove the key.")
+            check_range("train.lr_decay_steps", self.lr_decay_steps, 1, self.steps)
+        if self.sft_recall_steps is not None:
+            check_range("train.sft_recall_steps", self.sft_recall_steps, 0)
         check_range("train.replay_tolerance", self.replay_tolerance, 0.0)
         check_range("train.replay_tolerance_bf16", self.replay_tolerance_bf16, 0.0)
         if self.rollout_batch % self.micro_batch:

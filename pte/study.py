@@ -120,6 +120,8 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
                                worked_solutions(ev, "varchain probe", _NEEDS), params.cache,
                                params.data.system_prompt)
     out = {**tf, "train_seconds": seconds, "eval_problems": len(ev)}
+    if not budgets:
+        return out
     cfg = EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
                      max_new_tokens=params.grpo.max_completion_length, batch_size=64, bootstrap=1000,
                      allow_last_number=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -35,6 +36,7 @@ from pte.adapters import (
 from pte.cache import CachePlan, plan_cache
 from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pte.config import CacheConfig, Params
+from pte.config_training import TrainConfig
 from pte.grpo import GRPOLossConfig, group_advantages, token_weights
 from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.models import load_model
@@ -54,7 +56,7 @@ from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, 
 from pte.tasks import recall_score
 from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
-__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
+__all__ = ["ReplayMismatchError", "TrainingDivergedError", "learning_rate", "recall_weight", "select_rows", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,26 @@ def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]
         perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(perm[idx]))
     return out
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The AdamW learning rate of optimizer step ``step`` (0-based) under ``train.lr_schedule``: ``lr`` (constant), or
+    (cosine) ``lr`` until the last ``n = lr_decay_steps`` steps (all by default), then ``lr`` times the half cosine
+    ``(1 + cos(pi * k / n)) / 2`` at their k-th: the curve of ``transformers``' warmup-stable-decay schedule without
+    warm-up, 0 after the last step."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    n = cfg.lr_decay_steps or cfg.steps
+    k = min(max(step - (cfg.steps - n), 0), n)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * k / n))
+
+
+def recall_weight(cfg: TrainConfig, step: int) -> float:
+    """The ``sft`` weight of a recall token at optimizer step ``step``: ``sft_recall_weight`` for the first
+    ``sft_recall_steps`` steps (all of them when None), then 1."""
+    if cfg.sft_recall_steps is not None and step >= cfg.sft_recall_steps:
+        return 1.0
+    return cfg.sft_recall_weight
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -251,7 +273,8 @@ class Trainer:
                           [self.solutions[i] for i in rows], self.params.data.system_prompt,
                           eos_ids(self.model, tok)[0], dev)
         plan = plan_cache(self.cache_cfg, batch.prompt_ids.shape[1])
-        weight = float(sft_weights(batch.mask, batch.recall, cfg.sft_recall_weight).sum())
+        w_recall = recall_weight(cfg, self.step)
+        weight = float(sft_weights(batch.mask, batch.recall, w_recall).sum())
         num_tok, weight = _all_reduce([float(batch.mask.sum()), weight], dev)
         sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens
 
@@ -260,7 +283,7 @@ class Trainer:
 
             def on_segment(cols, lp, logits, sl=sl):
                 loss, counts = sft_chunk(lp, logits, batch.tokens[sl, cols], batch.mask[sl, cols],
-                                         batch.recall[sl, cols], weight, cfg.sft_recall_weight)
+                                         batch.recall[sl, cols], weight, w_recall)
                 self._backward(loss)
                 sums.add_(counts)
 
@@ -328,9 +351,12 @@ class Trainer:
         rows = select_rows(len(self.prompts), self.step, cfg.prompts_per_step, self.params.base.seed)
         rows = rows[rank()::world_size()]
         t0 = time.perf_counter()
+        lr = learning_rate(cfg, self.step)
+        for group in self.engine.optimizer.param_groups:  # set before this step's engine.step()
+            group["lr"] = lr
         if cfg.objective == "sft":
             metrics = self._sft_update(rows)
-            metrics.update({"timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0,
+            metrics.update({"lr": lr, "timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0,
                             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device))})
             return metrics
         self._recall = None
@@ -357,7 +383,7 @@ class Trainer:
             "completions/mean_length": float(lengths.mean()), "completions/clipped_ratio": float(1 - finished.mean()),
             "cache/evictions": float(evictions.mean()),
             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device)),
-            "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1,
+            "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1, "lr": lr,
         })
         if self._recall is not None:
             hits, total = _all_reduce(self._recall, self.runtime.device)

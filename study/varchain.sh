@@ -43,3 +43,13 @@ $D4 --tag d4-H-noglobal-softmax-c2-w100-150 --methods pte_no_global $SFT --set t
    --set pte.write=softmax --set pte.write_context=2 --set pte.gate_horizon=16 --set train.sft_recall_weight=100
 $D4 --tag d4-H-lora_c-w100-150 --methods lora_c $SFT --set train.steps=150 --set train.lr=0.003 \
    --set train.sft_recall_weight=100
+# Sixth session: a second sft phase with every token weighted 1 (lr 1e-3, 60 steps) from run H's adapter and from
+# its LoRA_c twin's; results in study/results/varchain-6.jsonl.
+D4="$D4 --out study/results/varchain-6.jsonl"
+SM="--set pte.write=softmax --set pte.write_context=2 --set pte.gate_horizon=16"
+H=runs/study/varchain-pte_no_global-d4-H-noglobal-softmax-c2-w100-150/adapter
+HL=runs/study/varchain-lora_c-d4-H-lora_c-w100-150/adapter
+$D4 --tag d4-H-then-w1-lr1e-3-60 --methods pte_no_global $SFT $SM --set train.steps=60 --set train.lr=0.001 \
+   --set train.sft_recall_weight=1 --set train.init_adapter=$H
+$D4 --tag d4-H-lora_c-then-w1-lr1e-3-60 --methods lora_c $SFT --set train.steps=60 --set train.lr=0.001 \
+   --set train.sft_recall_weight=1 --set train.init_adapter=$HL

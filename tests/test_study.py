@@ -34,3 +34,28 @@ def test_mechanism_study_records_a_run_per_method(tmp_path, monkeypatch, one_thr
 def test_bad_override_is_a_clear_error():
     with pytest.raises(ValueError, match="write key=value"):
         _parse_sets(["train.steps"])
+
+
+@pytest.mark.parametrize("budgets", [(), (64,)])
+def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread):
+    """The probe trains from a base, then reports teacher-forced recall, and greedy answers per budget (none: skip)."""
+    from pte.config import params_from_dict
+    from pte.data import Row
+    from pte.study import varchain_probe
+    from pte.tasks import VarChainConfig, var_chain
+
+    rows = [Row(id=f"v{i}", problem=p, answer=a, source="var_chain")
+            for i, (p, a) in enumerate(var_chain(VarChainConfig(steps=5, min_gap=2, min_depth=2), 0, i)
+                                       for i in range(6))]
+    params = params_from_dict({
+        "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 16}, "adapter": {"rank": 4, "alpha": 8.0},
+        "pte": {"global_tokens": 4, "write": "softmax", "write_context": 2},
+        "grpo": {"max_completion_length": 24},
+        "train": {"objective": "sft", "steps": 2, "prompts_per_step": 4, "rollout_batch": 4, "micro_batch": 4,
+                  "lr": 0.01, "save_every": 100, "sft_recall_weight": 10.0, "sft_recall_steps": 1}})
+    out = varchain_probe(params, "pte_no_global", "random:llama-tiny-wide", rows[:4], rows[4:], tmp_path, budgets)
+    assert 0.0 <= out["tf/recall_accuracy"] <= 1.0 and out["tf/nll"] > 0 and out["eval_problems"] == 2
+    assert (tmp_path / "adapter").is_dir()
+    assert sorted(k for k in out if k.startswith("gen/")) == (
+        [] if not budgets else ["gen/64/accuracy", "gen/64/accuracy_ci_high", "gen/64/accuracy_ci_low",
+                                "gen/64/recall_accuracy"])
