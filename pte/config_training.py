@@ -13,7 +13,8 @@ from pte.config_engine import SamplingConfig
 from pte.methods import METHODS
 from pte.schema import check_range, fail
 
-__all__ = ["LOSS_TYPES", "GRPOConfig", "TrainConfig", "WarmstartConfig", "check_loss_settings"]
+__all__ = ["LOSS_TYPES", "GRPOConfig", "TrainConfig", "WarmstartConfig", "check_loss_settings", "learning_rate",
+           "recall_weight"]
 
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dapo", "dr_grpo")
@@ -115,7 +116,7 @@ class TrainConfig:
     """AdamW learning rate (the peak of ``lr_schedule``)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """``constant``: ``lr`` at every step; ``cosine``: ``lr`` decayed along a half cosine to 0 after ``steps``, over
-    the last ``lr_decay_steps`` steps (:func:`pte.train.learning_rate`; a function of the step alone, so a resumed
+    the last ``lr_decay_steps`` steps (:func:`learning_rate`; a function of the step alone, so a resumed
     run continues it)."""
     lr_decay_steps: int | None = None
     """``cosine`` only: the steps the decay spans, at the end of the run; ``lr`` is constant before them (a
@@ -237,3 +238,23 @@ class WarmstartConfig:
         check_range("warmstart.weight_decay", self.weight_decay, 0.0)
         check_range("warmstart.max_length", self.max_length, 2)
         check_range("warmstart.threads", self.threads, 0)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The AdamW learning rate of optimizer step ``step`` (0-based) under ``train.lr_schedule``: ``lr`` (constant), or
+    (cosine) ``lr`` until the last ``n = lr_decay_steps`` steps (all by default), then ``lr`` times the half cosine
+    ``(1 + cos(pi * k / n)) / 2`` at their k-th: the curve of ``transformers``' warmup-stable-decay schedule without
+    warm-up, 0 after the last step."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    n = cfg.lr_decay_steps or cfg.steps
+    k = min(max(step - (cfg.steps - n), 0), n)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * k / n))
+
+
+def recall_weight(cfg: TrainConfig, step: int) -> float:
+    """The ``sft`` weight of a recall token at optimizer step ``step``: ``sft_recall_weight`` for the first
+    ``sft_recall_steps`` steps (all of them when None), then 1."""
+    if cfg.sft_recall_steps is not None and step >= cfg.sft_recall_steps:
+        return 1.0
+    return cfg.sft_recall_weight

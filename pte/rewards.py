@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import re
@@ -36,8 +37,8 @@ from fractions import Fraction
 from itertools import accumulate
 from typing import Any
 
-__all__ = ["MAX_ANSWER_CHARS", "MAX_NESTING", "MAX_TEXT_CHARS", "extract_answer", "is_equivalent", "reward_fn",
-           "score", "shutdown"]
+__all__ = ["MAX_ANSWER_CHARS", "MAX_NESTING", "MAX_TEXT_CHARS", "char_match_reward", "extract_answer", "is_equivalent",
+           "reward_fn", "reward_function", "score", "shutdown"]
 
 MAX_TEXT_CHARS = 10_000  # only the last this-many characters of a completion are searched for an answer
 MAX_ANSWER_CHARS = 1_000  # longer answers (predicted or gold) are never equivalent: guards sympy against giant inputs
@@ -493,3 +494,17 @@ def _worker_main() -> None:
         except Exception:  # RecursionError, MemoryError, sympy errors: not equivalent
             result = False
         out.write(json.dumps({"result": result}) + "\n")
+
+
+def char_match_reward(completions: list[str], answers: list[str]) -> list[float]:
+    """Toy dense reward for smoke tests: the fraction of a completion's characters that occur in the answer."""
+    pairs = zip(completions, answers, strict=True)
+    return [sum(ch in a for ch in c) / len(c) if c and a else 0.0 for c, a in pairs]
+
+
+def reward_function(cfg) -> Any:
+    """The reward ``grpo.reward`` names (``cfg``: a :class:`pte.config.GRPOConfig`): ``(completions, answers) ->
+    rewards``."""
+    if cfg.reward == "char_match":
+        return char_match_reward
+    return functools.partial(reward_fn, allow_last_number=cfg.allow_last_number)

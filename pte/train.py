@@ -13,10 +13,8 @@ is left as it was. Checkpoints are atomic and a restarted run resumes from the l
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -36,7 +34,7 @@ from pte.adapters import (
 from pte.cache import CachePlan, plan_cache
 from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pte.config import CacheConfig, Params
-from pte.config_training import TrainConfig
+from pte.config_training import learning_rate, recall_weight
 from pte.grpo import GRPOLossConfig, group_advantages, token_weights
 from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.models import load_model
@@ -51,12 +49,13 @@ from pte.objectives import (
     token_kl,
 )
 from pte.replay import replay_logprobs
+from pte.rewards import reward_function
 from pte.rollout import Rollout, generate, pad_rollout
 from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
 from pte.tasks import recall_score
 from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
 
-__all__ = ["ReplayMismatchError", "TrainingDivergedError", "learning_rate", "recall_weight", "select_rows", "train"]
+__all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +70,6 @@ class TrainingDivergedError(RuntimeError):
     """A reward or the loss became NaN/inf."""
 
 
-def char_match_reward(completions: list[str], answers: list[str]) -> list[float]:
-    """Toy dense reward for smoke tests: the fraction of a completion's characters that occur in the answer."""
-    pairs = zip(completions, answers, strict=True)
-    return [sum(ch in a for ch in c) / len(c) if c and a else 0.0 for c, a in pairs]
-
-
-def reward_function(params: Params) -> RewardFn:
-    if params.grpo.reward == "char_match":
-        return char_match_reward
-    from pte.rewards import reward_fn
-
-    return functools.partial(reward_fn, allow_last_number=params.grpo.allow_last_number)
-
-
 def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
     """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch (resumable by step)."""
     out = []
@@ -93,26 +78,6 @@ def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]
         perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(int(perm[idx]))
     return out
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The AdamW learning rate of optimizer step ``step`` (0-based) under ``train.lr_schedule``: ``lr`` (constant), or
-    (cosine) ``lr`` until the last ``n = lr_decay_steps`` steps (all by default), then ``lr`` times the half cosine
-    ``(1 + cos(pi * k / n)) / 2`` at their k-th: the curve of ``transformers``' warmup-stable-decay schedule without
-    warm-up, 0 after the last step."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    n = cfg.lr_decay_steps or cfg.steps
-    k = min(max(step - (cfg.steps - n), 0), n)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * k / n))
-
-
-def recall_weight(cfg: TrainConfig, step: int) -> float:
-    """The ``sft`` weight of a recall token at optimizer step ``step``: ``sft_recall_weight`` for the first
-    ``sft_recall_steps`` steps (all of them when None), then 1."""
-    if cfg.sft_recall_steps is not None and step >= cfg.sft_recall_steps:
-        return 1.0
-    return cfg.sft_recall_weight
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -171,7 +136,7 @@ class Trainer:
         self.problems, self.solutions = problems, solutions
         self._recall: list[float] | None = None  # [recalled right, recalls] of the step's rollouts
         self.out_dir = Path(out_dir)
-        self.reward_fn = reward_fn or reward_function(params)
+        self.reward_fn = reward_fn or reward_function(params.grpo)
         cfg = params.train
         if cfg.prompts_per_step % world_size():
             raise ValueError(f"train.prompts_per_step = {cfg.prompts_per_step} must be a multiple of the number of "

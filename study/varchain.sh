@@ -53,3 +53,21 @@ $D4 --tag d4-H-then-w1-lr1e-3-60 --methods pte_no_global $SFT $SM --set train.st
    --set train.sft_recall_weight=1 --set train.init_adapter=$H
 $D4 --tag d4-H-lora_c-then-w1-lr1e-3-60 --methods lora_c $SFT --set train.steps=60 --set train.lr=0.001 \
    --set train.sft_recall_weight=1 --set train.init_adapter=$HL
+# L and M: the two phases in one run (train.sft_recall_steps; L decays the lr from the first step, M only over the
+# plain phase), and M's LoRA_c twin. M is the cpu-demo preset's recipe.
+$D4 --tag d4-L-noglobal-softmax-c2-w100x60-cos3e-3-90 --methods pte_no_global $SFT $SM --set train.steps=90 \
+   --set train.lr=0.003 --set train.lr_schedule=cosine --set train.sft_recall_steps=60 --set train.sft_recall_weight=100
+M="--set train.steps=90 --set train.lr=0.003 --set train.lr_schedule=cosine --set train.lr_decay_steps=30
+   --set train.sft_recall_steps=60 --set train.sft_recall_weight=100"
+$D4 --tag d4-M-noglobal-softmax-c2-w100x60-wsd3e-3-d30-90 --methods pte_no_global $SFT $SM $M
+$D4 --tag d4-M-lora_c-w100x60-wsd3e-3-d30-90 --methods lora_c $SFT $M
+# J: the softmax write with the global state (pte), weight 100 for 150 steps (training recall only; the
+# generation step crashed on the empty budget list, since fixed).
+$D4 --tag d4-J-pte-softmax-c2-w100-150 --methods pte $SFT $SM --set train.steps=150 --set train.lr=0.003 \
+   --set train.sft_recall_weight=100 --budgets
+# Where greedy completions first go wrong (study/results/diagnostics-6.jsonl).
+for a in none runs/study/varchain-pte_no_global-d4-H-noglobal-softmax-c2-w100-150/adapter \
+         runs/study/varchain-lora_c-d4-H-lora_c-w100-150/adapter; do
+  PYTHONPATH=. python study/diagnostics/first_error.py --adapter $a --threads 1 --budgets 140 null \
+    --out study/results/diagnostics-6.jsonl
+done

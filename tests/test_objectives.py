@@ -87,28 +87,29 @@ def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypa
     import transformers
 
     import pte.train as pt
+    from pte.config_training import learning_rate, recall_weight
 
     cfg = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft_recall_steps=2, sft_recall_weight=50.0).train
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
     sched = transformers.get_cosine_schedule_with_warmup(opt, 0, cfg.steps)
     for step in range(cfg.steps):
-        assert pt.learning_rate(cfg, step) == pytest.approx(sched.get_last_lr()[0], rel=1e-12)
+        assert learning_rate(cfg, step) == pytest.approx(sched.get_last_lr()[0], rel=1e-12)
         opt.step()
         sched.step()
-    assert pt.learning_rate(dataclasses.replace(cfg, lr_schedule="constant"), 3) == cfg.lr
+    assert learning_rate(dataclasses.replace(cfg, lr_schedule="constant"), 3) == cfg.lr
     wsd = dataclasses.replace(cfg, steps=9, lr_decay_steps=4)
     sched = transformers.get_wsd_schedule(opt, num_warmup_steps=0, num_decay_steps=4, num_training_steps=9)
     for step in range(wsd.steps):
-        assert pt.learning_rate(wsd, step) == pytest.approx(sched.get_last_lr()[0], rel=1e-12)
+        assert learning_rate(wsd, step) == pytest.approx(sched.get_last_lr()[0], rel=1e-12)
         opt.step()
         sched.step()
-    assert pt.learning_rate(wsd, 4) == cfg.lr and pt.learning_rate(wsd, 6) < cfg.lr
+    assert learning_rate(wsd, 4) == cfg.lr and learning_rate(wsd, 6) < cfg.lr
     with pytest.raises(ValueError, match="lr_decay_steps"):
         params("sft", lr_decay_steps=3)  # needs the cosine schedule
     with pytest.raises(ValueError, match="lr_decay_steps"):
         params("sft", lr_schedule="cosine", lr_decay_steps=7)  # more than train.steps (6)
-    assert [pt.recall_weight(cfg, s) for s in range(4)] == [50.0, 50.0, 1.0, 1.0]
-    assert pt.recall_weight(dataclasses.replace(cfg, sft_recall_steps=None), 3) == 50.0
+    assert [recall_weight(cfg, s) for s in range(4)] == [50.0, 50.0, 1.0, 1.0]
+    assert recall_weight(dataclasses.replace(cfg, sft_recall_steps=None), 3) == 50.0
 
     seen_lr, seen_w = [], []
     adamw_step = torch.optim.AdamW.step
@@ -117,7 +118,7 @@ def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypa
     monkeypatch.setattr(pt, "sft_weights", lambda m, r, w: (seen_w.append(w), sft_weights(m, r, w))[1])
     p = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft_recall_steps=2, sft_recall_weight=50.0)
     train(p, "pte", PROBLEMS, ANSWERS, tmp_path, progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
-    assert seen_lr == pytest.approx([pt.learning_rate(cfg, s) for s in range(4)])
+    assert seen_lr == pytest.approx([learning_rate(cfg, s) for s in range(4)])
     assert seen_w == [50.0, 50.0, 1.0, 1.0]
     assert [h["lr"] for h in read_metrics(tmp_path / "metrics.jsonl")] == pytest.approx(seen_lr)
 
