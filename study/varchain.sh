@@ -71,3 +71,10 @@ for a in none runs/study/varchain-pte_no_global-d4-H-noglobal-softmax-c2-w100-15
   PYTHONPATH=. python study/diagnostics/first_error.py --adapter $a --threads 1 --budgets 140 null \
     --out study/results/diagnostics-6.jsonl
 done
+# Ablation and GRPO after the best warm objective, both from recipe M: pte_global_only trained with M, and 15 GRPO
+# steps (4 prompts x 4 samples, lr 3e-4) from run M's adapter.
+$D4 --tag d4-M-global_only-w100x60-wsd3e-3-d30-90 --methods pte_global_only $SFT $SM $M
+$D4 --tag d4-M-then-grpo-lr3e-4-15 --methods pte_no_global $SM --set train.objective=grpo --set train.steps=15 \
+   --set train.prompts_per_step=4 --set train.rollout_batch=16 --set train.micro_batch=8 --set train.lr=0.0003 \
+   --set train.save_every=1000 \
+   --set train.init_adapter=runs/study/varchain-pte_no_global-d4-M-noglobal-softmax-c2-w100x60-wsd3e-3-d30-90/adapter
