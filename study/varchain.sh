@@ -78,3 +78,7 @@ $D4 --tag d4-M-then-grpo-lr3e-4-15 --methods pte_no_global $SM --set train.objec
    --set train.prompts_per_step=4 --set train.rollout_batch=16 --set train.micro_batch=8 --set train.lr=0.0003 \
    --set train.save_every=1000 \
    --set train.init_adapter=runs/study/varchain-pte_no_global-d4-M-noglobal-softmax-c2-w100x60-wsd3e-3-d30-90/adapter
+# GRPO alone from the warm-started base (pte_no_global, the same write), 15 steps of 4 prompts x 4 samples, lr 1e-3.
+$D4 --tag d4-grpo-alone-lr1e-3-15 --methods pte_no_global $SM --set train.objective=grpo --set train.steps=15 \
+   --set train.prompts_per_step=4 --set train.rollout_batch=16 --set train.micro_batch=8 --set train.lr=0.001 \
+   --set train.save_every=1000
