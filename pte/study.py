@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["main", "teacher_forced_recall", "varchain_probe"]
+__all__ = ["greedy_eval_config", "heldout_rows", "main", "teacher_forced_recall", "varchain_probe"]
 
 
 def _tracker(experiment: str, name: str, tags: dict[str, str]):
@@ -95,11 +95,31 @@ def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], s
 _NEEDS = "the probe needs var_chain (or reasoning_gym:chain_sum) rows in data.train and data.eval."
 
 
+def heldout_rows(params, data_dir: str | Path, size: int) -> tuple[list, list]:
+    """``(train rows, held-out rows)``: ``data_dir/train.jsonl``, and data.eval's first source regenerated at ``size``
+    minus any problem of the train rows (the probe's held-out set)."""
+    from pte.data import normalize_problem, read_jsonl
+    from pte.sources import load_source
+
+    rows = read_jsonl(Path(data_dir) / "train.jsonl")
+    seen = {normalize_problem(r.problem) for r in rows}
+    spec = dataclasses.replace(params.data.eval[0], size=size)
+    return rows, [r for r in load_source(spec) if normalize_problem(r.problem) not in seen]
+
+
+def greedy_eval_config(params, budgets: tuple[int | None, ...]):
+    """The probe's evaluation: one greedy completion per problem, ``grpo.max_completion_length`` tokens."""
+    from pte.config import EvalConfig
+
+    return EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
+                      max_new_tokens=params.grpo.max_completion_length, batch_size=64, bootstrap=1000,
+                      allow_last_number=True)
+
+
 def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir: Path,
                    budgets: tuple[int | None, ...] = (140,)) -> dict[str, float]:
     """Train ``method`` from ``base`` with ``params`` on ``rows`` and measure recall on the held-out rows ``ev``:
     teacher-forced under the training cache, and greedy generation under each of ``budgets`` (may be empty)."""
-    from pte.config import EvalConfig
     from pte.data import format_prompt
     from pte.evaluate import budget_label, evaluate_policy
     from pte.inference import Generator
@@ -122,9 +142,7 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
     out = {**tf, "train_seconds": seconds, "eval_problems": len(ev)}
     if not budgets:
         return out
-    cfg = EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
-                     max_new_tokens=params.grpo.max_completion_length, batch_size=64, bootstrap=1000,
-                     allow_last_number=True)
+    cfg = greedy_eval_config(params, budgets)
     for budget in budgets:
         m, _ = evaluate_policy(gen, ev, budget, cfg, params.data, params.base.seed, progress=False)
         label = budget_label(budget)
@@ -195,15 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             _record(out, row)
         return 0
     from pte.config import load_params
-    from pte.data import normalize_problem, read_jsonl
-    from pte.sources import load_source
 
     params = _override(load_params(args.params), sets)
     out = Path(args.out or "runs/study/varchain.jsonl")
-    rows = read_jsonl(Path(args.data) / "train.jsonl")
-    seen = {normalize_problem(r.problem) for r in rows}
-    spec = dataclasses.replace(params.data.eval[0], size=args.eval_size)
-    ev = [r for r in load_source(spec) if normalize_problem(r.problem) not in seen]
+    rows, ev = heldout_rows(params, args.data, args.eval_size)
     budgets = tuple(None if b == "null" else int(b) for b in args.budgets)
     for method in args.methods:
         name = f"varchain-{method}-{args.tag or int(time.time())}"

@@ -10,17 +10,15 @@ earlier. Prints one JSON line per (adapter, budget) and appends it to ``--out``.
 
 import argparse
 import collections
-import dataclasses
 import itertools
 import json
 
 import torch
 
-from pte.config import EvalConfig, load_params
-from pte.data import normalize_problem, read_jsonl
+from pte.config import load_params
 from pte.evaluate import evaluate_policy
 from pte.inference import Generator
-from pte.sources import load_source
+from pte.study import greedy_eval_config, heldout_rows
 from pte.tasks import worked_solutions
 
 ap = argparse.ArgumentParser()
@@ -36,14 +34,12 @@ args = ap.parse_args()
 torch.set_num_threads(args.threads)
 
 p = load_params(args.params)
-seen = {normalize_problem(r.problem) for r in read_jsonl(f"{args.data}/train.jsonl")}
-spec = dataclasses.replace(p.data.eval[0], size=128)  # the probe's held-out set (pte.study, --eval-size 128)
-ev = [r for r in load_source(spec) if normalize_problem(r.problem) not in seen][: args.problems]
+budgets = tuple(None if x == "null" else int(x) for x in args.budgets)
+ev = heldout_rows(p, args.data, 128)[1][: args.problems]  # the probe's held-out set (pte.study, --eval-size 128)
 solutions = worked_solutions(ev, "first_error", "needs var_chain rows")
 gen = Generator.load(args.base, None if args.adapter == "none" else args.adapter)
-cfg = EvalConfig(methods=("base",), budgets=(140,), num_samples=1, pass_k=(1,), temperature=0.0,
-                 max_new_tokens=p.grpo.max_completion_length, batch_size=64, bootstrap=100, allow_last_number=True)
-for b in [None if x == "null" else int(x) for x in args.budgets]:
+cfg = greedy_eval_config(p, budgets)
+for b in budgets:
     metrics, records = evaluate_policy(gen, ev, b, cfg, p.data, p.base.seed, progress=False)
     first = collections.Counter()
     for rec, sol in zip(records, solutions, strict=True):
