@@ -6,7 +6,8 @@ On one CUDA GPU, on the random-weight Qwen2.5-3B architecture in bf16 (no downlo
 
 ==============  ==========================================================================================
 ``rollout:grpo``   the GRPO shape (``bench/rollout.py --shape grpo``): 8 ``var_chain`` prompts x 4 samples, 128
-                   new tokens, window 32, T = 1, shared prefill; bounded engine vs HF ``generate``: tokens/s, x HF,
+                   new tokens, window 32, T = 1, shared prefill; bounded engine, the same with compiled decode
+                   (``cache.compile_decode``, CUDA graphs; not with ``--tiny``) and HF ``generate``: tokens/s, x HF,
                    % of the GEMM roofline (an 8192^3 bf16 matmul timed in the same worker)
 ``train:pte``      one GRPO step of ``pte`` (rollout 3072 tokens, window 1024, group 4): peak memory and time
 ``train:lora``     the same step with the full-cache ``lora``: the pte / lora peak ratio (target <= 0.55)
@@ -113,6 +114,8 @@ def run_part(part: str, cfg: dict, model_dir: str, args, deadline: Deadline, cap
         spec = cfg["bench"] if name in ("bench", "flat") else cfg["grpo"]
         n = cfg["flat_tokens"] if name == "flat" else spec["new_tokens"]
         impls = ["bounded"] if name == "flat" else ["bounded", "hf"]
+        if name == "grpo" and not args.tiny:  # compiled decode (CUDA graphs); its compile is too slow for --tiny tests
+            impls = ["bounded", "compiled", "hf"]
         jobs = [(impl, rollout_bench.worker_cmd(impl, model_dir, n, {**spec, "gemm_size": spec["gemm_size"] if i == 0
                                                                      else 0}, args.device, dtype))
                 for i, impl in enumerate(impls)]

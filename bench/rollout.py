@@ -9,7 +9,10 @@ Two shapes (``--shape``):
   ``--group`` 4 samples each (32 rows, each group's rows consecutive), 128 new tokens, a 32-slot window, temperature
   1 (top-p 1, top-k 0) and shared prefill on (the engine's default: each group's prompt is prefilled once).
 
-Both impls generate exactly N tokens per row (EOS ignored; HF with ``min_new_tokens``) from the same weights, rows and
+Impls (``--impls``): ``bounded`` (our engine, the thinking window), ``compiled`` (the same with
+``cache.compile_decode``: the decode step through ``torch.compile``, compiled during the warm-up, whose time is
+reported as ``warmup_seconds``), ``full`` (our engine, full cache) and ``hf`` (``model.generate``). All impls generate
+exactly N tokens per row (EOS ignored; HF with ``min_new_tokens``) from the same weights, rows and
 prompts (HF samples its own random stream, so sampled tokens differ, the work does not). Every measurement runs in a
 fresh subprocess, so that its memory is its own: process RSS (polled) on CPU, ``torch.cuda.max_memory_allocated``
 on GPU. ``peak_bytes`` is the peak during the measured generation (weights included), ``loaded_bytes`` the memory
@@ -236,7 +239,8 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
             param.sum()
     loaded = _memory_now(device)
     sampling = dict(temperature=temperature, top_p=1.0, top_k=0)
-    cache_cfg = CacheConfig(window=window) if impl == "bounded" else CacheConfig(window=None)
+    cache_cfg = CacheConfig(window=None) if impl in ("full", "hf") else CacheConfig(
+        window=window, compile_decode=impl == "compiled")
 
     def run(n: int) -> tuple[int, int]:
         """(tokens produced per row, most KV slots held at once)."""
@@ -251,7 +255,9 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
         return out.tokens.shape[1], out.max_cache_tokens
 
     with torch.no_grad():
-        run(8)  # warm-up: kernels, allocator
+        warm = time.perf_counter()
+        run(8)  # warm-up: kernels, allocator, and the compile of ``compiled`` (same batch shape, so not recompiled)
+        warmup_seconds = time.perf_counter() - warm
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -277,9 +283,10 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
                           plan.evict)
     roofline = gemm_roofline(gemm_size, device, dtype) if gemm_size else None
     row = {"impl": impl, "shape": shape, "new_tokens": new_tokens, "batch": batch, "prompts": prompts,
-           "window": window if impl == "bounded" else None, "temperature": temperature,
+           "window": None if impl in ("full", "hf") else window, "temperature": temperature,
            "prompt_tokens": int(ids.shape[1]), "prompt_tokens_mean": float(mask.sum(-1).float().mean()),
-           "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "peak_bytes": peak,
+           "seconds": seconds, "warmup_seconds": warmup_seconds, "tokens_per_s": batch * new_tokens / seconds,
+           "peak_bytes": peak,
            "loaded_bytes": loaded, "working_bytes": peak - loaded, "max_cache_tokens": slots,
            "kv_cache_bytes": batch * slots * kv_per_slot,
            "memory": "cuda max_memory_allocated" if device == "cuda" else "process RSS peak during generation",
@@ -316,6 +323,8 @@ def summarize(rows: list[dict], lengths: list[int], impls: list[str]) -> tuple[l
         if ours and hf:
             row.update({"speed_ratio": ours["tokens_per_s"] / hf["tokens_per_s"], "ours_peak_bytes": ours["peak_bytes"],
                         "hf_peak_bytes": hf["peak_bytes"]})
+        if hf and ("compiled", n) in by:
+            row["compiled_speed_ratio"] = by["compiled", n]["tokens_per_s"] / hf["tokens_per_s"]
         for impl in impls:
             if (impl, n) in by and "mfu" in by[impl, n]:
                 row[f"{impl}_mfu"] = by[impl, n]["mfu"]
@@ -380,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", help="new tokens (bench 512 1024 2048 4096, grpo 128)")
     ap.add_argument("--temperature", type=float, help="0 = greedy (bench 0, grpo 1)")
     ap.add_argument("--gemm-size", type=int, help="n of the roofline matmul (2048 on CPU, 8192 on GPU; 0 = none)")
-    ap.add_argument("--impls", nargs="+", default=["bounded", "hf"], choices=["bounded", "full", "hf"])
+    ap.add_argument("--impls", nargs="+", default=["bounded", "hf"], choices=["bounded", "compiled", "full", "hf"],
+                    help="compiled: the bounded engine with cache.compile_decode (compiled in the warm-up)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", help="JSON path (default bench/results/rollout[_grpo]_<device>.json)")

@@ -101,10 +101,11 @@ class Evicted:
 class SlotLayer(CacheLayerMixin):
     """One layer's preallocated ``[B, H_kv, P + W, D]`` keys and values, written in place at the owner's next slot.
 
-    The attention layers call ``update`` with the new tokens' K/V ``[B or U, H_kv, n, D]``; they are copied into
-    slots ``[owner.write_at, owner.write_at + n)`` and the whole buffer is returned: the owner's mask hides the slots
-    not in use. A shared prefill passes its U < B distinct rows, written to rows ``0..U-1`` and spread by
-    :meth:`BoundedCache.broadcast_rows`.
+    The attention layers call ``update`` with the new tokens' K/V ``[B or U, H_kv, n, D]``; they are copied into the
+    slots ``owner.write_index`` (``[n]`` long) and the whole buffer is returned: the owner's mask hides the slots not
+    in use. The index is a tensor, not a Python int, so a compiled decode step sees the same graph at every step
+    (an int would be specialised and recompiled per slot). A shared prefill passes its U < B distinct rows, written
+    to rows ``0..U-1`` and spread by :meth:`BoundedCache.broadcast_rows`.
     """
 
     is_compileable = False
@@ -119,18 +120,20 @@ class SlotLayer(CacheLayerMixin):
         bsz, heads, cap = self.owner.batch_size, key_states.shape[1], self.owner.plan.capacity
         self.keys = key_states.new_zeros(bsz, heads, cap, key_states.shape[-1])
         self.values = value_states.new_zeros(bsz, heads, cap, value_states.shape[-1])
+        if not torch.compiler.is_compiling():  # buffers updated in place: CUDA graphs may keep their addresses
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows, start, n = key_states.shape[0], self.owner.write_at, key_states.shape[-2]
-        self.keys[:rows, :, start : start + n].copy_(key_states)
-        self.values[:rows, :, start : start + n].copy_(value_states)
-        if rows < self.keys.shape[0]:  # a shared prefill attends with its own rows only
-            return self.keys[:rows], self.values[:rows]
-        return self.keys, self.values
+        rows, index = key_states.shape[0], self.owner.write_index
+        keys, values = self.keys[:rows], self.values[:rows]
+        keys.index_copy_(2, index, key_states)  # a shared prefill writes (and attends with) its own rows only
+        values.index_copy_(2, index, value_states)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.plan.capacity, 0
@@ -158,7 +161,7 @@ class BoundedCache:
         self.plan = plan
         self.batch_size = bsz
         self.static = static and plan.window is not None
-        self.write_at = 0  # slot where the next forward's K/V go (static)
+        self._write_index: dict[int, torch.Tensor] = {}  # static: one [n] slot index per forward width n
         # static: one SlotLayer per decoder layer, created when the layer first writes
         self.hf = Cache(layer_class_to_replicate=lambda: SlotLayer(self)) if self.static else DynamicCache()
         self.prompt_lengths = prompt_mask.sum(-1).long()  # [B]
@@ -200,16 +203,33 @@ class BoundedCache:
         if self.plan.window is not None and self.num_thinking + n > self.plan.window:
             raise RuntimeError(f"appending {n} tokens overflows the thinking window "
                                f"({self.num_thinking}/{self.plan.window}); evict first")
-        self.write_at = self.num_slots
+        self._point_writes(self.num_slots, n)
         self._valid = torch.cat([self._valid, self._valid.new_ones(self._valid.shape[0], n)], dim=1)
         self._pos = torch.cat([self._pos, positions.to(self._pos)], dim=1)
         self.num_thinking += n
         self.max_slots = max(self.max_slots, self.num_slots)
         return self._full_width(slot_attention_mask(self._valid, n))
 
+    @property
+    def write_index(self) -> torch.Tensor:
+        """``[n]`` long: the slots the next forward's ``n`` tokens are written to (static cache)."""
+        return self._write_index[self._write_width]
+
+    def _point_writes(self, start: int, n: int) -> None:
+        """Aim the next forward's writes at slots ``start .. start + n - 1``, in a tensor kept per width ``n`` and
+        overwritten in place, so a compiled (CUDA-graph) step reads the new slots from the same address."""
+        if not self.static:
+            return
+        index = self._write_index.get(n)
+        if index is None:
+            index = self._write_index[n] = torch.empty(n, dtype=torch.long, device=self._valid.device)
+            torch._dynamo.mark_static_address(index)
+        torch.arange(start, start + n, out=index)
+        self._write_width = n
+
     def prefill_mask(self) -> torch.Tensor:
         """``[B, 1, P, P]`` attention mask of the prompt-block forward (``[B, 1, P, P + W]`` when static)."""
-        self.write_at = 0
+        self._point_writes(0, self.plan.prompt_len)
         self.max_slots = max(self.max_slots, self.num_slots)
         return self._full_width(slot_attention_mask(self._valid, self.plan.prompt_len))
 

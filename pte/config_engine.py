@@ -57,6 +57,12 @@ class CacheConfig:
     """Total slots P + W (the paper's evaluation "cache size"); W = budget - P per batch."""
     evict_ratio: float = 0.25
     """Fraction of the window evicted at once when it overflows: ceil(evict_ratio * W) tokens."""
+    compile_decode: bool = False
+    """Run the one-token decode forward of a bounded cache through ``torch.compile`` (``mode="reduce-overhead"``,
+    CUDA graphs, on a GPU; inductor's default on CPU) in training rollouts (``evaluate.compile_decode`` for the
+    evaluation). Its shapes are static (``P + W`` slots written at a tensor index), so one compile serves every step
+    of a batch shape. Off by default: on the 2-core CPU it measured no faster (docs/benchmarks.md), and each new batch
+    shape compiles first (minutes on CPU)."""
 
     def __post_init__(self) -> None:
         if self.window is _AUTO_WINDOW:  # not given: auto, or unset when the budget decides the window

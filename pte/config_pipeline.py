@@ -43,6 +43,8 @@ class EvalConfig:
     """Generated tokens per sample at most; samples cut here count as truncated."""
     evict_ratio: float = 0.25
     """Fraction of the thinking window evicted per event, the same for every method."""
+    compile_decode: bool = False
+    """Compile the decode step of the bounded budgets (``cache.compile_decode``, the same setting for evaluation)."""
     batch_size: int = 16
     """Rows generated together; a batch holds max(1, batch_size // num_samples) whole problems."""
     max_problems: int | None = None
@@ -89,7 +91,7 @@ class EvalConfig:
 
     def cache(self, budget: int | None) -> CacheConfig:
         """The cache of one budget: C total slots with sliding-window eviction, or the full cache for None."""
-        return CacheConfig(window=None, budget=budget, evict_ratio=self.evict_ratio)
+        return CacheConfig(window=None, budget=budget, evict_ratio=self.evict_ratio, compile_decode=self.compile_decode)
 
     def long_threshold(self) -> int:
         """Tokens from which a response counts as long."""

@@ -26,8 +26,8 @@ from pte.adapters import find_pte
 from pte.cache import BoundedCache, CachePlan, plan_cache
 from pte.config import CacheConfig, SamplingConfig
 
-__all__ = ["Rollout", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout", "sample_tokens",
-           "shared_prompts"]
+__all__ = ["Rollout", "decode_model", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout",
+           "sample_tokens", "shared_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,18 @@ def model_forward(model: nn.Module, cache: BoundedCache, input_ids: torch.Tensor
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache.hf,
                 use_cache=True, logits_to_keep=logits_to_keep)
     return out.logits
+
+
+def decode_model(model: nn.Module) -> nn.Module:
+    """``model`` compiled for one-token decode steps over a static cache (``cache.compile_decode``), made once per
+    model and kept on it: CUDA graphs (``reduce-overhead``) on a GPU, inductor's default on CPU, static shapes. A new
+    batch shape compiles again (up to torch's recompile limit, then that shape runs eagerly)."""
+    compiled = vars(model).get("_pte_decode_model")
+    if compiled is None:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        compiled = torch.compile(model, dynamic=False, mode=mode)
+        vars(model)["_pte_decode_model"] = compiled  # a plain attribute: not a submodule, not in the state dict
+    return compiled
 
 
 NUCLEUS_CANDIDATES = 256
@@ -248,6 +260,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
         static_cache: with a bounded window, decode into preallocated ``P + W``-slot buffers written and evicted in
             place (:class:`pte.cache.SlotLayer`) instead of a ``DynamicCache`` that concatenates every step; same
             tokens and log-probs up to rounding (tested against the dynamic path through eviction events).
+            With ``cache_cfg.compile_decode`` the decode steps of a static cache run through :func:`decode_model`.
 
     Returns:
         A :class:`Rollout`.
@@ -273,6 +286,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     evictions = torch.zeros(bsz, dtype=torch.long, device=device)
     events: list[int] = []
 
+    step_model = decode_model(model) if cache_cfg.compile_decode and cache.static else model
     first, index = shared_prompts(prompt_ids, prompt_mask) if share_prompts and bsz > 1 else (None, None)
     if first is not None and len(first) == bsz:
         first = None  # every prompt differs: nothing to share
@@ -307,7 +321,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
                 if pte is not None:
                     pte.observe_eviction(evicted, ~done)
             step_mask = cache.extend(cache.positions_for(t, 1))
-            logits = model_forward(model, cache, tok.unsqueeze(1), cache.positions_for(t, 1),
+            logits = model_forward(step_model, cache, tok.unsqueeze(1), cache.positions_for(t, 1),
                                    step_mask if padded else None, 1)
         steps.close()
     finally:

@@ -312,14 +312,11 @@ class ThoughtState:
         if self.cfg.write == "softmax":  # acc stays S_g; the pool holds the events
             self.pool = merge_pools(self.pool, pool_event(self.qa, ke, ve), keep)
             self.current = normalize_rows(self.acc + pooled(self.pool), self.cfg.eps)
-            self.num_updates += 1
-            return
-        s_event = event_state(self.qa, ke, ve)  # [L, B, G, r]
-        if self.cfg.normalize == "recursive":
-            new = normalize_rows(self.current + s_event, self.cfg.eps)
+        elif self.cfg.normalize == "recursive":
+            new = normalize_rows(self.current + event_state(self.qa, ke, ve), self.cfg.eps)  # [L, B, G, r]
             self.current = keep * new + (1 - keep) * self.current
         else:
-            self.acc = self.acc + keep * s_event
+            self.acc = self.acc + keep * event_state(self.qa, ke, ve)
             self.current = normalize_rows(self.acc, self.cfg.eps)
         self.num_updates += 1
 

@@ -74,14 +74,14 @@ def test_rollout_flops_counts_each_term():
 def test_grpo_shape_reports_speed_ratio_roofline_and_mfu(tmp_path):
     out = tmp_path / "grpo.json"
     res = _run("--shape", "grpo", "--model", "random:qwen2-tiny", "--lengths", "12", "--window", "4",
-               "--gemm-size", "128", "--impls", "bounded", "hf", "--out", str(out))
+               "--gemm-size", "128", "--impls", "bounded", "compiled", "hf", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "x HF" in res.stdout and "% roofline" in res.stdout and "GEMM roofline" in res.stdout
     result = json.loads(out.read_text())
     assert (result["shape"], result["batch"], result["prompts"], result["window"], result["temperature"]) == (
         "grpo", 32, 8, 4, 1.0)
     runs = {r["impl"]: r for r in result["runs"]}
-    assert set(runs) == {"bounded", "hf"}
+    assert set(runs) == {"bounded", "compiled", "hf"}
     for r in runs.values():
         assert r["batch"] == 32 and r["new_tokens"] == 12 and r["prompts"] == 8
         assert r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["loaded_bytes"] > 0
@@ -95,8 +95,12 @@ def test_grpo_shape_reports_speed_ratio_roofline_and_mfu(tmp_path):
     assert runs["bounded"]["flops"]["keys"] < runs["hf"]["flops"]["keys"]
     assert runs["bounded"]["max_cache_tokens"] == runs["bounded"]["prompt_tokens"] + 4
     assert runs["bounded"]["kv_cache_bytes"] < runs["hf"]["kv_cache_bytes"]
+    # compiled decode: the same work as the bounded engine, its compile paid in the warm-up
+    assert runs["compiled"]["flops"] == runs["bounded"]["flops"] and runs["compiled"]["window"] == 4
+    assert runs["compiled"]["warmup_seconds"] > runs["bounded"]["warmup_seconds"]
     summary = result["summary"][0]
     assert summary["speed_ratio"] > 0 and summary["bounded_mfu"] > 0 and summary["hf_mfu"] > 0
+    assert summary["compiled_speed_ratio"] > 0 and summary["compiled_mfu"] > 0
 
 
 def test_bench_shape_keeps_its_cli_and_reports_memory_growth(tmp_path):

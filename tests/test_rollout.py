@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import FAMILIES, PROMPTS, batch, tiny
@@ -336,3 +338,29 @@ def test_static_cache_rollout_equals_the_dynamic_rollout(monkeypatch, method):
     assert torch.equal(sta.tokens, dyn.tokens) and sta.max_cache_tokens == dyn.max_cache_tokens
     torch.testing.assert_close(sta.logprobs, dyn.logprobs, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits_s, logits_d, atol=1e-6, rtol=0)
+
+
+def test_compiled_decode_equals_the_eager_rollout():
+    """``cache.compile_decode``: the compiled step writes at a tensor slot index, so one graph, without breaks, serves
+    every decode step of a PTE rollout (no recompile per slot or after a state update) and of a second rollout, and
+    the tokens and log-probs equal the eager ones through eviction events."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny("qwen2-tiny")
+    _nonzero_pte(model)
+    ids, am = batch(tok)
+    cfg = CacheConfig(window=7, evict_ratio=0.3)
+
+    def run(compiled):
+        return generate(model, ids, am, replace(cfg, compile_decode=compiled), SamplingConfig(max_new_tokens=40),
+                        [tok.eos_token_id], tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled, again = run(False), run(True), run(True)
+    assert counters["frames"]["ok"] == counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert len(eager.event_steps) >= 5 and compiled.event_steps == eager.event_steps
+    assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+    assert not any(k.startswith("_pte") for k in model.state_dict())  # the compiled wrapper is no submodule
