@@ -164,10 +164,11 @@ def finish(result: dict, cfg: dict) -> None:
         runs = [r for r in block["runs"] if "tokens_per_s" in r]
         if roof:
             for r in runs:
-                r.setdefault("mfu", r["model_gflops_per_s"] / roof["gflops"])
+                if "mfu" not in r:
+                    rollout_bench.apply_roofline(r, roof)
         lengths = sorted({r["new_tokens"] for r in runs}) or [0]
         block["summary"], block["peak_growth"], block["working_growth"] = rollout_bench.summarize(
-            runs, lengths, ["bounded", "full", "hf"])
+            runs, lengths, ["bounded", "compiled", "full", "hf"])
     n = cfg["train"]["new_tokens"]
     result["train"]["summary"] = summarize([r for r in result["train"]["runs"] if "skipped" not in r], [n])
 

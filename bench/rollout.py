@@ -42,6 +42,12 @@ threads as the generation): ``roofline = 2 n^3 / seconds``. The model FLOPs of a
 
 ``MFU = FLOPs / seconds / roofline``, printed as "% of roofline" beside the tokens/s ratio ("x HF").
 
+A decode step of a few rows is bound by memory, not FLOPs: it reads every weight once for B tokens. The same worker
+therefore also times the read bandwidth (a sum over 1 GiB; 8 GiB on GPU) and each run gets its roofline-model
+**floor**, ``max(FLOPs / roofline, forwards x weight bytes / bandwidth)`` (``forwards`` = N: the prefill and N - 1
+decode steps; ``weight bytes`` = the decoder and the LM head), printed as "% of floor" (100 = at the hardware's
+limit) with the term that binds (``mem`` / ``com``).
+
     python bench/rollout.py                       # SmolLM2-135M on CPU, batch 4, window 128
     python bench/rollout.py --lengths 512 1024 --out bench/results/rollout_quick.json
     python bench/rollout.py --shape grpo          # 8 prompts x 4 samples, 128 tokens, window 32, T = 1
@@ -172,6 +178,41 @@ def gemm_roofline(n: int, device: str, dtype: str, min_seconds: float = 0.5, max
             "threads": torch.get_num_threads() if device == "cpu" else None}
 
 
+def read_bandwidth(nbytes: int, device: str, min_seconds: float = 0.3, max_reps: int = 30) -> dict:
+    """Memory read throughput: the best of >= 3 timed sums of an ``nbytes`` fp32 tensor (far larger than the caches)
+    after a warm-up, CUDA-synchronized. ``gb_per_s = nbytes / best seconds / 1e9``."""
+    import torch
+
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < min_seconds and len(times) < max_reps):
+        start = time.perf_counter()
+        x.sum()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del x
+    return {"bytes": nbytes, "reps": len(times), "best_s": min(times), "gb_per_s": nbytes / min(times) / 1e9}
+
+
+def apply_roofline(row: dict, roofline: dict) -> None:
+    """Set ``row``'s MFU and its roofline-model floor from a roofline measured in the same run.
+
+    ``mfu = model FLOPs / s / GEMM roofline``. The floor is the least time the run could take on this device,
+    ``max(model FLOPs / GEMM roofline, forwards x weight bytes / read bandwidth)``: every forward (the prefill and each
+    decode step) reads every weight it multiplies at least once, which bounds a small-batch decode long before its
+    FLOPs do. ``of_floor = floor / seconds`` (1.0 = at the hardware's limit); ``bound`` names the larger term.
+    """
+    row["mfu"] = row["model_gflops_per_s"] / roofline["gflops"]
+    if "read" in roofline:
+        compute_s = row["flops"]["model_flops"] / (roofline["gflops"] * 1e9)
+        memory_s = row["forwards"] * row["weight_bytes"] / (roofline["read"]["gb_per_s"] * 1e9)
+        row["floor_s"] = max(compute_s, memory_s)
+        row["bound"] = "memory" if memory_s > compute_s else "compute"
+        row["of_floor"] = row["floor_s"] / row["seconds"]
+
+
 def held_thinking(new_tokens: int, window: int | None, evict: int) -> list[int]:
     """Thinking tokens in the cache after feeding each generated token ``j = 0 .. N-2`` (the decode forwards), under
     the eviction schedule of :func:`pte.cache.event_steps` (``window`` None: never evicted)."""
@@ -277,11 +318,16 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
         torch.finfo(model.dtype).bits // 8)
     skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    # what one forward reads: the decoder weights and the LM head (the embedding lookup reads B rows only)
+    weight_bytes = (non_embedding + model.get_output_embeddings().weight.numel()) * (torch.finfo(model.dtype).bits // 8)
     plan = plan_cache(cache_cfg, ids.shape[1])
     first, _ = shared_prompts(ids, mask)
     flops = rollout_flops(cfg, non_embedding, mask.sum(-1).tolist(), first.tolist(), new_tokens, plan.window,
                           plan.evict)
     roofline = gemm_roofline(gemm_size, device, dtype) if gemm_size else None
+    if roofline:  # 1 GiB on CPU (8 GiB on GPU): far past the caches; 64 MiB for the test sizes
+        roofline["read"] = read_bandwidth((8 << 30 if device == "cuda" else 1 << 30) if gemm_size >= 1024
+                                          else 64 << 20, device)
     row = {"impl": impl, "shape": shape, "new_tokens": new_tokens, "batch": batch, "prompts": prompts,
            "window": None if impl in ("full", "hf") else window, "temperature": temperature,
            "prompt_tokens": int(ids.shape[1]), "prompt_tokens_mean": float(mask.sum(-1).float().mean()),
@@ -290,10 +336,11 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
            "loaded_bytes": loaded, "working_bytes": peak - loaded, "max_cache_tokens": slots,
            "kv_cache_bytes": batch * slots * kv_per_slot,
            "memory": "cuda max_memory_allocated" if device == "cuda" else "process RSS peak during generation",
-           "flops": flops, "model_gflops_per_s": flops["model_flops"] / seconds / 1e9}
+           "flops": flops, "model_gflops_per_s": flops["model_flops"] / seconds / 1e9,
+           "forwards": new_tokens, "weight_bytes": weight_bytes}
     if roofline:
         row["roofline"] = roofline
-        row["mfu"] = row["model_gflops_per_s"] / roofline["gflops"]
+        apply_roofline(row, roofline)
     if device == "cuda":
         row["device_name"] = torch.cuda.get_device_name()
     return row
@@ -343,7 +390,8 @@ def summarize(rows: list[dict], lengths: list[int], impls: list[str]) -> tuple[l
 def print_table(rows: list[dict], peak_growth: dict, working_growth: dict) -> None:
     """One line per run (tokens/s, x HF at the same length, % of roofline, memory), then the memory growth."""
     hf = {r["new_tokens"]: r["tokens_per_s"] for r in rows if r["impl"] == "hf" and "tokens_per_s" in r}
-    header = ["impl", "new tokens", "rows", "tok/s", "x HF", "% roofline", "peak MiB", "working MiB", "KV MiB"]
+    header = ["impl", "new tokens", "rows", "tok/s", "x HF", "% roofline", "% of floor", "peak MiB", "working MiB",
+              "KV MiB"]
     print("\n" + " | ".join(f"{h:>11}" for h in header))
     for r in rows:
         if "tokens_per_s" not in r:
@@ -351,13 +399,17 @@ def print_table(rows: list[dict], peak_growth: dict, working_growth: dict) -> No
             continue
         ratio = f"{r['tokens_per_s'] / hf[r['new_tokens']]:.2f}" if r["new_tokens"] in hf else ""
         mfu = f"{100 * r['mfu']:.2f}" if "mfu" in r else ""
-        cells = [r["impl"], r["new_tokens"], r["batch"], f"{r['tokens_per_s']:.1f}", ratio, mfu,
+        floor = f"{100 * r['of_floor']:.1f} {r['bound'][:3]}" if "of_floor" in r else ""
+        cells = [r["impl"], r["new_tokens"], r["batch"], f"{r['tokens_per_s']:.1f}", ratio, mfu, floor,
                  f"{r['peak_bytes'] / 2**20:.1f}", f"{r['working_bytes'] / 2**20:.1f}",
                  f"{r['kv_cache_bytes'] / 2**20:.1f}"]
         print(" | ".join(f"{c:>11}" for c in cells))
     roof = next((r["roofline"] for r in rows if "roofline" in r), None)
     if roof:
         print(f"GEMM roofline: {roof['n']}^3 {roof['dtype']} on {roof['device']}: {roof['gflops']:.1f} GFLOP/s")
+        if "read" in roof:
+            print(f"read bandwidth: {roof['read']['gb_per_s']:.1f} GB/s (sum of {roof['read']['bytes'] >> 20} MiB); "
+                  "floor = max(FLOPs / roofline, forwards x weight bytes / bandwidth)")
     for impl, g in peak_growth.items():
         w = working_growth.get(impl)
         extra = f", working memory {w:+.1%}" if w is not None else ""
@@ -422,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     roofs = {r["new_tokens"]: r["roofline"] for r in rows if "roofline" in r}
     for r in rows:  # every row's MFU against the roofline measured at its length
         if "roofline" not in r and r["new_tokens"] in roofs:
-            r["mfu"] = r["model_gflops_per_s"] / roofs[r["new_tokens"]]["gflops"]
+            apply_roofline(r, roofs[r["new_tokens"]])
     summary, growth, working = summarize(rows, spec["lengths"], args.impls)
     print_table(rows, growth, working)
     result = {"date": date.today().isoformat(), "device": args.device, "platform": platform.platform(),

@@ -101,6 +101,15 @@ def test_grpo_shape_reports_speed_ratio_roofline_and_mfu(tmp_path):
     summary = result["summary"][0]
     assert summary["speed_ratio"] > 0 and summary["bounded_mfu"] > 0 and summary["hf_mfu"] > 0
     assert summary["compiled_speed_ratio"] > 0 and summary["compiled_mfu"] > 0
+    # the roofline-model floor: max(FLOPs / GEMM roofline, forwards x weight bytes / read bandwidth), per run
+    read = runs["bounded"]["roofline"]["read"]
+    assert read["bytes"] == 64 << 20 and read["gb_per_s"] > 0 and "% of floor" in res.stdout
+    for r in runs.values():
+        assert r["forwards"] == 12 and r["weight_bytes"] > 0 and r["bound"] in ("memory", "compute")
+        memory_s = 12 * r["weight_bytes"] / (read["gb_per_s"] * 1e9)
+        compute_s = r["flops"]["model_flops"] / (runs["bounded"]["roofline"]["gflops"] * 1e9)
+        assert r["floor_s"] == pytest.approx(max(memory_s, compute_s)) and r["of_floor"] == pytest.approx(
+            r["floor_s"] / r["seconds"])
 
 
 def test_bench_shape_keeps_its_cli_and_reports_memory_growth(tmp_path):
