@@ -82,3 +82,19 @@ $D4 --tag d4-M-then-grpo-lr3e-4-15 --methods pte_no_global $SM --set train.objec
 $D4 --tag d4-grpo-alone-lr1e-3-15 --methods pte_no_global $SM --set train.objective=grpo --set train.steps=15 \
    --set train.prompts_per_step=4 --set train.rollout_batch=16 --set train.micro_batch=8 --set train.lr=0.001 \
    --set train.save_every=1000
+# Seventh session (results in study/results/varchain-7.jsonl): recipe M with two more seeds (base.seed sets the
+# adapter's initialisation and the data order), M's LoRA_c twin with seed 1, GRPO alone at lr 3e-4, and seed 1 with
+# a longer first phase (90 weighted steps + 30 plain).
+D4="${D4% --out*} --out study/results/varchain-7.jsonl"
+GR="--set train.objective=grpo --set train.steps=15 --set train.prompts_per_step=4 --set train.rollout_batch=16
+    --set train.micro_batch=8 --set train.save_every=1000"
+for seed in 1 2; do
+  $D4 --tag d4-M-noglobal-softmax-c2-w100x60-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
+     --set base.seed=$seed
+done
+$D4 --tag d4-M-lora_c-w100x60-wsd3e-3-d30-90-seed1 --methods lora_c $SFT $M --set base.seed=1
+$D4 --tag d4-grpo-alone-lr3e-4-15 --methods pte_no_global $SM $GR --set train.lr=0.0003
+M120="--set train.steps=120 --set train.lr=0.003 --set train.lr_schedule=cosine --set train.lr_decay_steps=30
+      --set train.sft_recall_steps=90 --set train.sft_recall_weight=100"
+$D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed1 --methods pte_no_global $SFT $SM $M120 \
+   --set base.seed=1
