@@ -20,6 +20,15 @@ pipeline run) are printed beside the split. ``--torch-profile N`` additionally r
 ``torch.profiler`` and prints its N most expensive operators (the profiler's overhead inflates the phase timings of
 that run). Nothing is optimised here; this only makes the split measurable.
 
+``--floor`` adds, per phase, the least time this device could take for the work the phase did (a roofline model, as
+in ``bench/rollout.py``): a forward hook on the model counts each phase's forwards, tokens and logit positions;
+``FLOPs = 2 N_ne tokens + 2 d V logit positions`` (attention, a few percent at these lengths, left out) and
+``floor = max(FLOPs / GEMM roofline, forwards x weight bytes / read bandwidth)``, with the roofline (2048^3 matmul)
+and the read bandwidth (sum over 1 GiB) measured in the same process first. The backward of a replay chunk is
+floored by the chunk's forward (its FLOPs: gradients with respect to activations through every frozen matmul; the
+adapters' own gradients are small) and by one more pass over the weights per backward call. The step's floor is
+the sum; ``step / floor`` is the most any engine could speed this step up on this machine.
+
     python bench/train_profile.py                                 # cpu-demo preset, pte, one step
     python bench/train_profile.py --base models/warmstart --method lora_c --steps 2 --out /tmp/profile.json
     python bench/train_profile.py --params presets/smoke.yaml --torch-profile 15
@@ -40,7 +49,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import _local_model, write_result  # noqa: E402
+from rollout import _local_model, gemm_roofline, read_bandwidth, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("rollout: generate", "rollout: decode + reward", "reference forward", "replay forward", "loss", "backward",
@@ -118,20 +127,70 @@ def instrument(trainer, phases: Phases):
     return restore
 
 
+class Work:
+    """Forwards, tokens and logit positions of the model per phase (a forward pre-hook), for ``--floor``."""
+
+    def __init__(self, model, phases: Phases):
+        self.phases = phases
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        phase = self.phases._stack[-1][0] if self.phases._stack else "other"
+        bsz, n = ids.shape
+        keep = kwargs.get("logits_to_keep", 0) or n
+        self.counts[phase].update(forwards=1, tokens=bsz * n, logit_positions=bsz * min(keep, n))
+
+    def take(self) -> dict[str, dict[str, int]]:
+        out = {k: dict(v) for k, v in self.counts.items()}
+        self.counts.clear()
+        return out
+
+
+def phase_floors(work: dict[str, dict[str, int]], calls: dict[str, int], sizes: dict, roof: dict) -> dict[str, dict]:
+    """Per phase with model work: its FLOPs, weight bytes read and floor ``max(FLOPs / roofline, bytes / bandwidth)``
+    (``sizes``: ``non_embedding`` parameters, ``hidden``, ``vocab``, ``weight_bytes`` per forward). The backward
+    gets the replay forward's FLOPs and one weight pass per backward call."""
+    def flops(w: dict[str, int]) -> float:
+        head = 2.0 * sizes["hidden"] * sizes["vocab"] * w["logit_positions"]
+        return 2.0 * sizes["non_embedding"] * w["tokens"] + head
+
+    items = {name: (flops(w), w["forwards"] * sizes["weight_bytes"]) for name, w in work.items()}
+    if "replay forward" in work and calls.get("backward"):
+        items["backward"] = (flops(work["replay forward"]), calls["backward"] * sizes["weight_bytes"])
+    out = {}
+    for name, (f, b) in items.items():
+        compute_s, memory_s = f / (roof["gflops"] * 1e9), b / (roof["read"]["gb_per_s"] * 1e9)
+        out[name] = {"flops": f, "weight_bytes_read": b, "floor_s": max(compute_s, memory_s),
+                     "bound": "memory" if memory_s > compute_s else "compute"}
+    return out
+
+
 def _rows(params, data: str | None):
     from pte.data import build_splits, read_jsonl
 
     return read_jsonl(data) if data else build_splits(params.data)["train"]
 
 
-def _print_split(step: int, seconds: dict[str, float], calls: dict[str, int], wall: float, metrics: dict) -> None:
+def _print_split(step: int, seconds: dict[str, float], calls: dict[str, int], wall: float, metrics: dict,
+                 floors: dict[str, dict] | None = None) -> None:
     print(f"\nstep {step}: {wall:.2f} s (trainer: rollout {metrics['timing/rollout_s']:.2f} s, "
           f"update {metrics['timing/update_s']:.2f} s; mean length {metrics['completions/mean_length']:.1f}, "
           f"evictions {metrics.get('cache/evictions', 0.0):.1f})")
-    print(f"  {'phase':26s} {'seconds':>9s} {'share':>7s} {'calls':>6s}")
+    extra = f" {'floor s':>9s} {'bound':>8s}" if floors is not None else ""
+    print(f"  {'phase':26s} {'seconds':>9s} {'share':>7s} {'calls':>6s}{extra}")
     for name in PHASES:
         if name in seconds:
-            print(f"  {name:26s} {seconds[name]:9.3f} {100 * seconds[name] / wall:6.1f}% {calls.get(name, 0):6d}")
+            line = f"  {name:26s} {seconds[name]:9.3f} {100 * seconds[name] / wall:6.1f}% {calls.get(name, 0):6d}"
+            if floors is not None and name in floors:
+                line += f" {floors[name]['floor_s']:9.3f} {floors[name]['bound']:>8s}"
+            print(line)
+    if floors:
+        total = sum(f["floor_s"] for f in floors.values())
+        print(f"  floor of the step {total:.3f} s: this step is {wall / total:.2f}x its roofline-model floor")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
                     help="also record the last step with torch.profiler and print its N most expensive operators")
     ap.add_argument("--trace", help="with --torch-profile: write a Chrome trace of that step here")
+    ap.add_argument("--floor", action="store_true",
+                    help="measure the GEMM roofline and read bandwidth first and print each phase's floor")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pte/bench-models"))
     ap.add_argument("--out", help="write the split as JSON here")
     args = ap.parse_args(argv)
@@ -158,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     from pte.data import format_prompt
     from pte.train import Trainer
 
+    roof = None
+    if args.floor:
+        roof = gemm_roofline(2048, "cpu", "float32")  # the CPU's; on a GPU use bench/gpu_suite.py
+        roof["read"] = read_bandwidth(1 << 30, "cpu")
+        print(f"GEMM roofline {roof['gflops']:.1f} GFLOP/s, read bandwidth {roof['read']['gb_per_s']:.1f} GB/s")
     params = load_params(args.params)
     source = args.base or _local_model(params.model.source, Path(args.cache_dir))
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, source=source))
@@ -168,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
                           problems=[r.problem for r in rows])
         phases = Phases(cuda=trainer.runtime.device.type == "cuda")
         restore = instrument(trainer, phases)
+        model = trainer.model
+        work = Work(model, phases) if roof else None
+        if roof:
+            skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+            head = model.get_output_embeddings().weight
+            non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+            sizes = {"non_embedding": non_embedding, "hidden": head.shape[1], "vocab": head.shape[0],
+                     "weight_bytes": (non_embedding + head.numel()) * head.element_size()}
         print(f"{args.method} on {source} ({trainer.runtime.device}, {trainer.runtime.precision}, "
               f"{torch.get_num_threads()} threads): {params.train.prompts_per_step} prompts x "
               f"{params.grpo.num_generations} samples, {params.grpo.max_completion_length} new tokens, "
@@ -191,12 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.step += 1
                 seconds, calls = phases.take()
                 seconds["other"] = max(0.0, wall - sum(seconds.values()))
-                _print_split(i, seconds, calls, wall, metrics)
+                floors = phase_floors(work.take(), calls, sizes, roof) if work else None
+                _print_split(i, seconds, calls, wall, metrics, floors)
                 steps.append({"step": i, "seconds": wall, "phases": seconds, "calls": calls,
                               "torch_profiler": bool(profiled),
                               "trainer_timing": {k: metrics[k] for k in ("timing/rollout_s", "timing/update_s")},
                               "mean_length": metrics["completions/mean_length"],
-                              "evictions": metrics.get("cache/evictions"), "reward": metrics.get("reward")})
+                              "evictions": metrics.get("cache/evictions"), "reward": metrics.get("reward"),
+                              **({"floors": floors, "floor_s": sum(f["floor_s"] for f in floors.values())}
+                                 if floors else {})})
                 if prof is not None:
                     key = "self_cuda_time_total" if phases._cuda else "self_cpu_time_total"
                     print(prof.key_averages().table(sort_by=key, row_limit=args.torch_profile))
@@ -211,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "params": args.params, "method": args.method, "model": source,
             "command": " ".join(["python", "bench/train_profile.py", *(argv if argv is not None else sys.argv[1:])]),
-            "phases": list(PHASES), "steps": steps})
+            "phases": list(PHASES), "steps": steps, **({"roofline": roof} if roof else {})})
     return 0
 
 

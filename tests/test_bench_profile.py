@@ -16,7 +16,7 @@ def test_profile_splits_one_step_into_phases(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "train_profile.py"), "--params",
-                          str(ROOT / "presets" / "smoke.yaml"), "--method", "pte", "--torch-profile", "5",
+                          str(ROOT / "presets" / "smoke.yaml"), "--method", "pte", "--torch-profile", "5", "--floor",
                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "replay forward" in res.stdout and "aten::" in res.stdout  # the split and the profiler's table
@@ -32,3 +32,13 @@ def test_profile_splits_one_step_into_phases(tmp_path):
     assert calls["backward"] == calls["loss"] > 2  # one backward per replay segment
     assert calls["optimizer step"] == 1 and step["torch_profiler"]
     assert step["trainer_timing"]["timing/rollout_s"] > 0 and step["mean_length"] > 0
+    # --floor: the roofline and bandwidth, and a floor for every phase that ran the model (and the backward)
+    assert result["roofline"]["gflops"] > 0 and result["roofline"]["read"]["gb_per_s"] > 0
+    floors = step["floors"]
+    assert set(floors) == {"rollout: generate", "reference forward", "replay forward", "backward"}
+    assert floors["backward"]["flops"] == floors["replay forward"]["flops"] > 0
+    assert floors["reference forward"]["flops"] == floors["replay forward"]["flops"]  # the same tokens, adapters off
+    for f in floors.values():
+        assert 0 < f["floor_s"] and f["bound"] in ("memory", "compute")
+    assert step["floor_s"] == sum(f["floor_s"] for f in floors.values()) < step["seconds"]
+    assert "floor of the step" in res.stdout
