@@ -230,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = _rows(params, args.data)
     prompts = [format_prompt(r.problem, params.data) for r in rows]
     with tempfile.TemporaryDirectory(prefix="pte-train-profile-") as out_dir:
+        solutions = None
+        if params.train.objective == "sft":  # the preset's default objective trains on worked solutions
+            from pte.tasks import worked_solutions
+
+            solutions = worked_solutions(rows, "train.objective = 'sft'", "profile a source with a solution writer.")
         trainer = Trainer(params, args.method, prompts, [r.answer for r in rows], out_dir,
-                          problems=[r.problem for r in rows])
+                          problems=[r.problem for r in rows], solutions=solutions)
         phases = Phases(cuda=trainer.runtime.device.type == "cuda")
         restore = instrument(trainer, phases)
         model = trainer.model
