@@ -42,11 +42,12 @@ threads as the generation): ``roofline = 2 n^3 / seconds``. The model FLOPs of a
 
 ``MFU = FLOPs / seconds / roofline``, printed as "% of roofline" beside the tokens/s ratio ("x HF").
 
-A decode step of a few rows is bound by memory, not FLOPs: it reads every weight once for B tokens. The same worker
-therefore also times the read bandwidth (a sum over 1 GiB; 8 GiB on GPU) and each run gets its roofline-model
-**floor**, ``max(FLOPs / roofline, forwards x weight bytes / bandwidth)`` (``forwards`` = N: the prefill and N - 1
-decode steps; ``weight bytes`` = the decoder and the LM head), printed as "% of floor" (100 = at the hardware's
-limit) with the term that binds (``mem`` / ``com``).
+A decode step of a few rows may be bound by memory rather than FLOPs: it reads every weight once for B tokens (on a
+GPU it is; on the 2-core CPU, at ~47 GB/s, it is not, docs/benchmarks.md). The same worker therefore also times the
+read bandwidth (a sum over 1 GiB; 8 GiB on GPU) and each run gets its roofline-model **floor**,
+``max(FLOPs / roofline, forwards x weight bytes / bandwidth)`` (``forwards`` = N: the prefill and N - 1 decode steps;
+``weight bytes`` = the decoder and the LM head), printed as "% of floor" (100 = at the hardware's limit) with the term
+that binds (``mem`` / ``com``).
 
     python bench/rollout.py                       # SmolLM2-135M on CPU, batch 4, window 128
     python bench/rollout.py --lengths 512 1024 --out bench/results/rollout_quick.json
@@ -201,8 +202,8 @@ def apply_roofline(row: dict, roofline: dict) -> None:
 
     ``mfu = model FLOPs / s / GEMM roofline``. The floor is the least time the run could take on this device,
     ``max(model FLOPs / GEMM roofline, forwards x weight bytes / read bandwidth)``: every forward (the prefill and each
-    decode step) reads every weight it multiplies at least once, which bounds a small-batch decode long before its
-    FLOPs do. ``of_floor = floor / seconds`` (1.0 = at the hardware's limit); ``bound`` names the larger term.
+    decode step) reads every weight it multiplies at least once, which can bound a small-batch decode before its FLOPs
+    do. ``of_floor = floor / seconds`` (1.0 = at the hardware's limit); ``bound`` names the larger term.
     """
     row["mfu"] = row["model_gflops_per_s"] / roofline["gflops"]
     if "read" in roofline:
