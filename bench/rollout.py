@@ -43,7 +43,7 @@ threads as the generation): ``roofline = 2 n^3 / seconds``. The model FLOPs of a
 ``MFU = FLOPs / seconds / roofline``, printed as "% of roofline" beside the tokens/s ratio ("x HF").
 
 A decode step of a few rows may be bound by memory rather than FLOPs: it reads every weight once for B tokens (on a
-GPU it is; on the 2-core CPU, at ~47 GB/s, it is not, docs/benchmarks.md). The same worker therefore also times the
+GPU, typically; on the 2-core CPU, at ~47 GB/s, it is not: docs/benchmarks.md). The same worker therefore also times the
 read bandwidth (a sum over 1 GiB; 8 GiB on GPU) and each run gets its roofline-model **floor**,
 ``max(FLOPs / roofline, forwards x weight bytes / bandwidth)`` (``forwards`` = N: the prefill and N - 1 decode steps;
 ``weight bytes`` = the decoder and the LM head), printed as "% of floor" (100 = at the hardware's limit) with the term
