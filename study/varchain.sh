@@ -98,3 +98,6 @@ M120="--set train.steps=120 --set train.lr=0.003 --set train.lr_schedule=cosine 
       --set train.sft_recall_steps=90 --set train.sft_recall_weight=100"
 $D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed1 --methods pte_no_global $SFT $SM $M120 \
    --set base.seed=1
+# M120 with seed 2 (run alone on the machine, two threads).
+$D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed2 --methods pte_no_global $SFT $SM $M120 \
+   --set base.seed=2 --threads 2
