@@ -120,9 +120,8 @@ class SlotLayer(CacheLayerMixin):
         bsz, heads, cap = self.owner.batch_size, key_states.shape[1], self.owner.plan.capacity
         self.keys = key_states.new_zeros(bsz, heads, cap, key_states.shape[-1])
         self.values = value_states.new_zeros(bsz, heads, cap, value_states.shape[-1])
-        if not torch.compiler.is_compiling():  # buffers updated in place: CUDA graphs may keep their addresses
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
+        torch._dynamo.mark_static_address(self.keys)  # updated in place: CUDA graphs may keep their addresses
+        torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -161,7 +160,8 @@ class BoundedCache:
         self.plan = plan
         self.batch_size = bsz
         self.static = static and plan.window is not None
-        self._write_index: dict[int, torch.Tensor] = {}  # static: one [n] slot index per forward width n
+        self._write_indices: dict[int, torch.Tensor] = {}  # static: one [n] slot index per forward width n
+        self.write_index: torch.Tensor | None = None  # static: [n] long, the slots the next forward's n tokens go to
         # static: one SlotLayer per decoder layer, created when the layer first writes
         self.hf = Cache(layer_class_to_replicate=lambda: SlotLayer(self)) if self.static else DynamicCache()
         self.prompt_lengths = prompt_mask.sum(-1).long()  # [B]
@@ -210,22 +210,17 @@ class BoundedCache:
         self.max_slots = max(self.max_slots, self.num_slots)
         return self._full_width(slot_attention_mask(self._valid, n))
 
-    @property
-    def write_index(self) -> torch.Tensor:
-        """``[n]`` long: the slots the next forward's ``n`` tokens are written to (static cache)."""
-        return self._write_index[self._write_width]
-
     def _point_writes(self, start: int, n: int) -> None:
-        """Aim the next forward's writes at slots ``start .. start + n - 1``, in a tensor kept per width ``n`` and
-        overwritten in place, so a compiled (CUDA-graph) step reads the new slots from the same address."""
+        """Aim ``write_index`` at slots ``start .. start + n - 1``: a tensor kept per width ``n`` and overwritten in
+        place, so a compiled (CUDA-graph) step reads the new slots from the same address."""
         if not self.static:
             return
-        index = self._write_index.get(n)
+        index = self._write_indices.get(n)
         if index is None:
-            index = self._write_index[n] = torch.empty(n, dtype=torch.long, device=self._valid.device)
+            index = self._write_indices[n] = torch.empty(n, dtype=torch.long, device=self._valid.device)
             torch._dynamo.mark_static_address(index)
         torch.arange(start, start + n, out=index)
-        self._write_width = n
+        self.write_index = index
 
     def prefill_mask(self) -> torch.Tensor:
         """``[B, 1, P, P]`` attention mask of the prompt-block forward (``[B, 1, P, P + W]`` when static)."""
