@@ -197,6 +197,24 @@ def read_bandwidth(nbytes: int, device: str, min_seconds: float = 0.3, max_reps:
     return {"bytes": nbytes, "reps": len(times), "best_s": min(times), "gb_per_s": nbytes / min(times) / 1e9}
 
 
+def model_sizes(model) -> dict[str, int]:
+    """``non_embedding`` parameters (every weight but the token embedding and the LM head, tied or not), the LM head's
+    ``hidden`` size and ``vocab``, and ``weight_bytes``: what one forward reads, the decoder weights and the LM head
+    (the embedding lookup reads B rows only)."""
+    head = model.get_output_embeddings().weight
+    skip = {id(model.get_input_embeddings().weight), id(head)}
+    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return {"non_embedding": non_embedding, "hidden": head.shape[1], "vocab": head.shape[0],
+            "weight_bytes": (non_embedding + head.numel()) * head.element_size()}
+
+
+def roofline_floor(flops: float, weight_bytes: float, roofline: dict) -> dict:
+    """``floor_s = max(flops / GEMM roofline, weight_bytes / read bandwidth)`` and the ``bound`` term that sets it."""
+    compute_s = flops / (roofline["gflops"] * 1e9)
+    memory_s = weight_bytes / (roofline["read"]["gb_per_s"] * 1e9)
+    return {"floor_s": max(compute_s, memory_s), "bound": "memory" if memory_s > compute_s else "compute"}
+
+
 def apply_roofline(row: dict, roofline: dict) -> None:
     """Set ``row``'s MFU and its roofline-model floor from a roofline measured in the same run.
 
@@ -207,10 +225,7 @@ def apply_roofline(row: dict, roofline: dict) -> None:
     """
     row["mfu"] = row["model_gflops_per_s"] / roofline["gflops"]
     if "read" in roofline:
-        compute_s = row["flops"]["model_flops"] / (roofline["gflops"] * 1e9)
-        memory_s = row["forwards"] * row["weight_bytes"] / (roofline["read"]["gb_per_s"] * 1e9)
-        row["floor_s"] = max(compute_s, memory_s)
-        row["bound"] = "memory" if memory_s > compute_s else "compute"
+        row.update(roofline_floor(row["flops"]["model_flops"], row["forwards"] * row["weight_bytes"], roofline))
         row["of_floor"] = row["floor_s"] / row["seconds"]
 
 
@@ -317,10 +332,8 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_per_slot = cfg.num_hidden_layers * 2 * getattr(cfg, "num_key_value_heads", heads) * head_dim * (
         torch.finfo(model.dtype).bits // 8)
-    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in skip)
-    # what one forward reads: the decoder weights and the LM head (the embedding lookup reads B rows only)
-    weight_bytes = (non_embedding + model.get_output_embeddings().weight.numel()) * (torch.finfo(model.dtype).bits // 8)
+    sizes = model_sizes(model)
+    non_embedding, weight_bytes = sizes["non_embedding"], sizes["weight_bytes"]
     plan = plan_cache(cache_cfg, ids.shape[1])
     first, _ = shared_prompts(ids, mask)
     flops = rollout_flops(cfg, non_embedding, mask.sum(-1).tolist(), first.tolist(), new_tokens, plan.window,

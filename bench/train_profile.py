@@ -49,7 +49,14 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import _local_model, gemm_roofline, read_bandwidth, write_result  # noqa: E402
+from rollout import (  # noqa: E402
+    _local_model,
+    gemm_roofline,
+    model_sizes,
+    read_bandwidth,
+    roofline_floor,
+    write_result,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("rollout: generate", "rollout: decode + reward", "reference forward", "replay forward", "loss", "backward",
@@ -161,12 +168,7 @@ def phase_floors(work: dict[str, dict[str, int]], calls: dict[str, int], sizes: 
     items = {name: (flops(w), w["forwards"] * sizes["weight_bytes"]) for name, w in work.items()}
     if "replay forward" in work and calls.get("backward"):
         items["backward"] = (flops(work["replay forward"]), calls["backward"] * sizes["weight_bytes"])
-    out = {}
-    for name, (f, b) in items.items():
-        compute_s, memory_s = f / (roof["gflops"] * 1e9), b / (roof["read"]["gb_per_s"] * 1e9)
-        out[name] = {"flops": f, "weight_bytes_read": b, "floor_s": max(compute_s, memory_s),
-                     "bound": "memory" if memory_s > compute_s else "compute"}
-    return out
+    return {name: {"flops": f, "weight_bytes_read": b, **roofline_floor(f, b, roof)} for name, (f, b) in items.items()}
 
 
 def _rows(params, data: str | None):
@@ -239,14 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                           problems=[r.problem for r in rows], solutions=solutions)
         phases = Phases(cuda=trainer.runtime.device.type == "cuda")
         restore = instrument(trainer, phases)
-        model = trainer.model
-        work = Work(model, phases) if roof else None
-        if roof:
-            skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-            head = model.get_output_embeddings().weight
-            non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in skip)
-            sizes = {"non_embedding": non_embedding, "hidden": head.shape[1], "vocab": head.shape[0],
-                     "weight_bytes": (non_embedding + head.numel()) * head.element_size()}
+        work = Work(trainer.model, phases) if roof else None
+        sizes = model_sizes(trainer.model) if roof else None
         print(f"{args.method} on {source} ({trainer.runtime.device}, {trainer.runtime.precision}, "
               f"{torch.get_num_threads()} threads): {params.train.prompts_per_step} prompts x "
               f"{params.grpo.num_generations} samples, {params.grpo.max_completion_length} new tokens, "
