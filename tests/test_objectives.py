@@ -83,7 +83,8 @@ def test_sft_recall_weight_makes_a_weighted_token_mean():
 
 def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypatch, one_thread):
     """The schedule is the half cosine of ``transformers``' cosine schedule; the lr each step sets is the one the
-    optimizer DeepSpeed drives uses, and the recall weight drops to 1 after ``sft_recall_steps``."""
+    optimizer DeepSpeed drives uses, and the recall weight drops to ``sft_recall_weight_after`` (default 1) after
+    ``sft_recall_steps``."""
     import transformers
 
     import pte.train as pt
@@ -110,6 +111,10 @@ def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypa
         params("sft", lr_schedule="cosine", lr_decay_steps=7)  # more than train.steps (6)
     assert [recall_weight(cfg, s) for s in range(4)] == [50.0, 50.0, 1.0, 1.0]
     assert recall_weight(dataclasses.replace(cfg, sft_recall_steps=None), 3) == 50.0
+    assert [recall_weight(dataclasses.replace(cfg, sft_recall_weight_after=10.0), s) for s in range(4)] == [
+        50.0, 50.0, 10.0, 10.0]
+    with pytest.raises(ValueError, match="sft_recall_weight_after"):
+        params("sft", sft_recall_weight_after=-1.0)
 
     seen_lr, seen_w = [], []
     adamw_step = torch.optim.AdamW.step
