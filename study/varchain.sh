@@ -101,3 +101,10 @@ $D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed1 --methods pt
 # M120 with seed 2 (run alone on the machine, two threads).
 $D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed2 --methods pte_no_global $SFT $SM $M120 \
    --set base.seed=2 --threads 2
+# Eighth session (results in study/results/varchain-8.jsonl): recipe N, M with the recall token weighted 10 instead
+# of 1 after step 60 (train.sft_recall_weight_after), seeds 1 and 2 (one thread each, run side by side).
+D4="${D4% --out*} --out study/results/varchain-8.jsonl"
+for seed in 1 2; do
+  $D4 --tag d4-N-noglobal-softmax-c2-w100x60-after10-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
+     --set train.sft_recall_weight_after=10 --set base.seed=$seed
+done
