@@ -165,8 +165,8 @@ class TrainConfig:
     the other tokens that the weight traded away."""
     sft_recall_weight_after: float = 1.0
     """Weight of a recall token after the first ``sft_recall_steps`` steps. 1 makes the second phase the plain NLL,
-    which can erase part of what the weighted phase taught (docs/evaluation.md, "Eighth study session"); a moderate
-    weight keeps the recall in the objective while the other tokens are repaired."""
+    which can erase part of what the weighted phase taught; 10 kept the recall but left the other tokens unrepaired
+    (docs/evaluation.md, "Eighth study session")."""
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""
