@@ -91,7 +91,8 @@ class StateBank:
 
 
 class StateLoRALinear(nn.Module):
-    """A frozen linear plus the PTE update ``(alpha/r) * A (S (B x))`` for its layer's state S.
+    """A frozen linear plus the PTE update ``(alpha/r) * A (S (B x))`` for its layer's state S (``pte.read``: linear;
+    ``softmax`` reads ``A softmax(S (B x))``, ``gated`` reads ``sigmoid(u . x + b) * A (S (B x))``).
 
     Args:
         base_layer: the frozen ``nn.Linear``.
@@ -109,6 +110,9 @@ class StateLoRALinear(nn.Module):
         self.pte_down = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.pte_down, a=math.sqrt(5))
         self.pte_up = nn.Parameter(torch.zeros(self.out_features, global_tokens, dtype=w.dtype, device=w.device))
+        if adapter.pte_cfg.read == "gated":  # g(x) = sigmoid(u . x + b), u = b = 0: every token reads half at first
+            self.pte_gate_w = nn.Parameter(torch.zeros(1, self.in_features, dtype=w.dtype, device=w.device))
+            self.pte_gate_b = nn.Parameter(torch.zeros(1, dtype=w.dtype, device=w.device))
         self.scaling, self.layer_idx = scaling, layer_idx
         object.__setattr__(self, "_adapter", adapter)  # a plain reference: not a submodule
 
@@ -123,9 +127,13 @@ class StateLoRALinear(nn.Module):
             return y
         h = F.linear(x, self.pte_down)  # [B, T, r]
         h = h @ s.transpose(-1, -2).to(h.dtype)  # [B, T, G]
-        if self._adapter.pte_cfg.read == "softmax":  # selective read: the best-matching rows of S answer
+        read = self._adapter.pte_cfg.read
+        if read == "softmax":  # selective read: the best-matching rows of S answer
             h = torch.softmax(h.float(), dim=-1).to(x.dtype)
-        return y + self.scaling * F.linear(h, self.pte_up)
+        delta = F.linear(h, self.pte_up)  # [B, T, out]
+        if read == "gated":  # each token decides how much of the state it reads: [B, T, 1]
+            delta = delta * torch.sigmoid(F.linear(x, self.pte_gate_w, self.pte_gate_b))
+        return y + self.scaling * delta
 
 
 class PTEAdapter(nn.Module):
@@ -228,7 +236,8 @@ def find_pte(model: nn.Module) -> PTEAdapter | None:
 
 
 def _is_adapter_param(name: str) -> bool:
-    return ".pte_down" in name or ".pte_up" in name or "pte_adapter." in name or "lora_" in name
+    return (".pte_down" in name or ".pte_up" in name or ".pte_gate_" in name or "pte_adapter." in name
+            or "lora_" in name)
 
 
 def attach_adapter(model: nn.Module, method: str, adapter_cfg: AdapterConfig, pte_cfg: PTEConfig) -> nn.Module:

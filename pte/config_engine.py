@@ -163,10 +163,12 @@ class PTEConfig:
     weights over those scores (kept exactly across events by a running max and sum), so a score every token shares,
     such as the mean key, cannot swamp the token that matters (docs/method.md, "Softmax write"). The replay
     recomputes the last ``gate_horizon`` events with gradient and folds older ones in detached."""
-    read: Literal["linear", "softmax"] = "linear"
+    read: Literal["linear", "softmax", "gated"] = "linear"
     """``linear``: the paper's adapter ``A (S (B x))``. ``softmax`` (not the paper): ``A softmax(S (B x))`` over the G
     rows of S, a selective read in which the best-matching row answers instead of a linear mix of all
-    (docs/method.md, "Selective read")."""
+    (docs/method.md, "Selective read"). ``gated`` (not the paper): ``sigmoid(u . x + b) A (S (B x))``, a learned
+    per-token gate per adapted linear, so the tokens that do not need the memory can stop reading it
+    (docs/method.md, "Read gate")."""
 
     def __post_init__(self) -> None:
         check_range("pte.global_tokens", self.global_tokens, 1)
@@ -182,8 +184,8 @@ class PTEConfig:
             raise ValueError("pte.write = 'softmax' selects the tokens it keeps itself and pools every event exactly: "
                              "it needs pte.write_gate: false and pte.normalize: accumulate (got write_gate = "
                              f"{self.write_gate}, normalize = {self.normalize!r}).")
-        if self.read not in ("linear", "softmax"):
-            raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax.")
+        if self.read not in ("linear", "softmax", "gated"):
+            raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax, gated.")
         check_range("pte.eps", self.eps, 0.0, lo_open=True)
 
 

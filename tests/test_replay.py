@@ -137,6 +137,32 @@ def test_replay_with_softmax_read_equals_rollout():
     assert (lp[m] - linear[m]).abs().max() > 1e-3
 
 
+def test_replay_with_gated_read_equals_rollout_and_trains_the_gate():
+    """``pte.read: gated``: replay = rollout; the gate changes the log-probs, and the sft gradient reaches it."""
+    model, tok = _policy("pte", read="gated")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".pte_gate_" in n:
+                p.normal_(0, 0.5)
+    out = _rollout(model, tok, temperature=0.9)
+    m = out.mask.bool()
+    with torch.no_grad():
+        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+    torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
+    gates = {n: p for n, p in model.named_parameters() if ".pte_gate_" in n}
+    assert gates and all(p.requires_grad for p in gates.values())
+    with torch.no_grad():
+        for p in gates.values():
+            p.zero_()  # every token reads half the state
+        half = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
+    assert (half[m] - lp[m]).abs().max() > 1e-3
+    replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9,
+                    on_segment=lambda cols, lp: (-lp.sum()).backward())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.values())
+    with pytest.raises(ValueError, match="pte.read"):
+        PTEConfig(read="sigmoid")
+
+
 def test_fresh_write_gate_without_global_state_is_the_paper_form():
     """Fresh gates are all 1/2, and the row normalisation removes a common scale: #Global-0 is unchanged."""
     lps = []
