@@ -15,7 +15,8 @@ import torch
 
 from pte.config import TrainConfig
 
-__all__ = ["Runtime", "init_engine", "is_main", "peak_memory_bytes", "rank", "seed_everything", "world_size"]
+__all__ = ["Runtime", "init_engine", "is_main", "peak_memory_bytes", "rank", "seed_everything", "shutdown_distributed",
+           "world_size"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,17 @@ class _ForwardPrologue:
         if self.zero_grad_buffer and opt.micro_step_id == 0 and self.zeroed_at != self.engine.global_steps:
             opt.grad_partitions_flat_buffer.zero_()  # no backward yet in this step: nothing to lose
             self.zeroed_at = self.engine.global_steps
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group, if one is up (``init_engine`` starts it; a later engine starts a new one).
+
+    A process that exits with the group alive can abort during interpreter shutdown, in gloo's worker threads
+    (SIGABRT, "terminate called without an active exception"), and so fail a job whose training succeeded; NCCL
+    warns of the same. Call it once training is over, on every rank.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _keep_gathered(engine, params: list[torch.nn.Parameter]) -> None:

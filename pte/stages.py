@@ -84,6 +84,7 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
     side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them."""
     from pte.data import format_prompt, read_jsonl
+    from pte.runtime import shutdown_distributed
     from pte.tracking import make_tracker, read_metrics
     from pte.train import train
 
@@ -101,6 +102,7 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     try:
         train(params, method, prompts, [r.answer for r in rows], out, tracker=tracker, resume=resume,
               progress=progress, problems=[r.problem for r in rows], solutions=solutions)
+        shutdown_distributed()  # not after a failure: a rank stopped by an error must not wait for the others
     finally:
         tracker.close()
     history = read_metrics(out / "metrics.jsonl")

@@ -138,6 +138,7 @@ import functools, json, os, sys
 from pathlib import Path
 import torch
 torch.optim.AdamW.__init__ = functools.partialmethod(torch.optim.AdamW.__init__, eps=1e-3)  # see test_train.ADAMW_EPS
+import pte.runtime
 import pte.train as train_mod
 from pte.config import params_from_dict
 
@@ -184,6 +185,8 @@ def run(stage):
 
 for stage in map(int, sys.argv[3].split(",")):  # one process pair for all stages: start-up is most of the time
     run(stage)
+# as `pte train` does (pte.stages.stage_train): exiting with the gloo group alive can abort a rank at shutdown
+pte.runtime.shutdown_distributed()
 '''
 
 
