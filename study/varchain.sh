@@ -113,3 +113,8 @@ for seed in 1 2; do
   $D4 --tag d4-M-gated-noglobal-softmax-c2-w100x60-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
      --set pte.read=gated --set base.seed=$seed
 done
+# N3: M with the recall weighted 3 after step 60, seeds 1 and 2 (one thread each, side by side).
+for seed in 1 2; do
+  $D4 --tag d4-N-noglobal-softmax-c2-w100x60-after3-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
+     --set train.sft_recall_weight_after=3 --set base.seed=$seed
+done
