@@ -170,6 +170,15 @@ class TrainConfig:
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""
+    distill_source: Literal["rollouts", "solutions"] = "rollouts"
+    """The tokens ``distill`` matches the teacher on: ``rollouts``, sampled by the student under its bounded cache
+    (on-policy, ``grpo`` rollout settings); ``solutions``, the rows' worked solutions teacher-forced under the
+    training cache (off-policy: no rollout; ``prompts_per_step`` rows a step, as ``sft``). Either way the teacher is
+    the adapter-disabled, full-cache model, so the signal is task-agnostic: the per-token divergence is near zero
+    where the window suffices and large where an evicted thought is needed."""
+    distill_nll_weight: float = 0.0
+    """``distill_source: solutions`` only: weight of the solutions' plain NLL (the ``sft`` loss) added to the
+    divergence; 0 = divergence alone."""
     init_adapter: str | None = None
     """An adapter directory (``models/<method>/adapter`` of an earlier run, same method) to start from instead of a
     fresh adapter, e.g. GRPO after ``sft`` or ``distill``."""
@@ -178,6 +187,10 @@ class TrainConfig:
     the LM head + log-softmax (256 positions at a time): activation memory of one layer and one head chunk instead
     of all, for ~1/3 more compute. Bounded-cache methods replay one segment at a time already and ignore it. Needed
     for long full-cache rollouts (the paper preset's ``lora``)."""
+
+    def teacher_forced(self) -> bool:
+        """True when a step replays worked solutions instead of rollouts: ``sft``, or ``distill`` on ``solutions``."""
+        return self.objective == "sft" or (self.objective == "distill" and self.distill_source == "solutions")
 
     def __post_init__(self) -> None:
         trainable = [m for m in METHODS if m != "base"]
@@ -197,6 +210,10 @@ class TrainConfig:
         check_range("train.threads", self.threads, 0)
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
         check_range("train.sft_recall_weight", self.sft_recall_weight, 0.0)
+        check_range("train.distill_nll_weight", self.distill_nll_weight, 0.0)
+        if self.distill_nll_weight and not (self.objective == "distill" and self.teacher_forced()):
+            raise ValueError(f"params: `train.distill_nll_weight` = {self.distill_nll_weight} needs `train.objective: "
+                             "distill` with `train.distill_source: solutions`; set them or remove the key.")
         check_range("train.sft_recall_weight_after", self.sft_recall_weight_after, 0.0)
         if self.lr_decay_steps is not None:
             if self.lr_schedule != "cosine":

@@ -92,10 +92,10 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     rows = read_jsonl(data)
     prompts = [format_prompt(r.problem, params.data) for r in rows]
     solutions = None
-    if params.train.objective == "sft":
+    if params.train.teacher_forced():
         from pte.tasks import worked_solutions
 
-        solutions = worked_solutions(rows, "train.objective = 'sft'", "train on sources with a solution writer "
+        solutions = worked_solutions(rows, f"train.objective = {params.train.objective!r} on worked solutions", "train on sources with a solution writer "
                                      "(var_chain, reasoning_gym:chain_sum) or use train.objective grpo or distill.")
     # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
     tracker = make_tracker(params.tracking, run_name=f"train-{method}", tags={"method": method, "stage": "train"})

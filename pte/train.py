@@ -43,6 +43,7 @@ from pte.objectives import (
     FullCacheTeacher,
     distill_chunk,
     grpo_chunk,
+    jsd_loss,
     sft_batch,
     sft_chunk,
     sft_weights,
@@ -129,9 +130,10 @@ class Trainer:
                  problems: list[str] | None = None, solutions: list[str] | None = None):
         if len(prompts) != len(answers) or not prompts:
             raise ValueError("training needs a non-empty list of prompts with one answer each")
-        if params.train.objective == "sft" and (solutions is None or len(solutions) != len(prompts)):
-            raise ValueError("train.objective = 'sft' needs a worked solution for every training row; use a source "
-                             "with a solution writer (var_chain, reasoning_gym:chain_sum) or objective grpo/distill.")
+        if params.train.teacher_forced() and (solutions is None or len(solutions) != len(prompts)):
+            raise ValueError(f"train.objective = {params.train.objective!r} (on worked solutions) needs a worked "
+                             "solution for every training row; use a source with a solution writer (var_chain, "
+                             "reasoning_gym:chain_sum), objective grpo, or distill with distill_source: rollouts.")
         self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
         self.problems, self.solutions = problems, solutions
         self._recall: list[float] | None = None  # [recalled right, recalls] of the step's rollouts
@@ -232,31 +234,44 @@ class Trainer:
         return result
 
     def _sft_update(self, rows: list[int]) -> dict[str, float]:
-        """One step of teacher-forced NLL of the rows' worked solutions under the method's training cache."""
+        """One teacher-forced step on the rows' worked solutions under the method's training cache: the ``sft`` NLL,
+        or (``distill`` on ``solutions``) the divergence from the adapter-disabled full-cache model, plus
+        ``distill_nll_weight`` times the NLL."""
         cfg, dev, tok = self.params.train, self.runtime.device, self.tok
         batch = sft_batch(tok, [self.prompts[i] for i in rows], [self.problems[i] for i in rows],
                           [self.solutions[i] for i in rows], self.params.data.system_prompt,
                           eos_ids(self.model, tok)[0], dev)
         plan = plan_cache(self.cache_cfg, batch.prompt_ids.shape[1])
-        w_recall = recall_weight(cfg, self.step)
+        distill = cfg.objective == "distill"
+        w_recall = 1.0 if distill else recall_weight(cfg, self.step)
+        nll_weight = cfg.distill_nll_weight if distill else 1.0
         weight = float(sft_weights(batch.mask, batch.recall, w_recall).sum())
         num_tok, weight = _all_reduce([float(batch.mask.sum()), weight], dev)
-        sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens
+        sums = torch.zeros(5, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens, divergence
 
         for m in range(0, len(rows), cfg.micro_batch):
             sl = slice(m, m + cfg.micro_batch)
+            teacher = FullCacheTeacher(self.model, batch.prompt_ids[sl], batch.prompt_mask[sl],
+                                       batch.tokens[sl]) if distill else None
 
-            def on_segment(cols, lp, logits, sl=sl):
-                loss, counts = sft_chunk(lp, logits, batch.tokens[sl, cols], batch.mask[sl, cols],
-                                         batch.recall[sl, cols], weight, w_recall)
+            def on_segment(cols, lp, logits, sl=sl, teacher=teacher):
+                nll, counts = sft_chunk(lp, logits, batch.tokens[sl, cols], batch.mask[sl, cols],
+                                        batch.recall[sl, cols], weight, w_recall)
+                loss = nll * nll_weight
+                if teacher is not None:
+                    div = jsd_loss(logits, teacher.logits(cols), batch.mask[sl, cols], cfg.distill_beta, num_tok)
+                    loss = loss + div
+                    sums[4] += float(div.detach())
                 self._backward(loss)
-                sums.add_(counts)
+                sums[:4].add_(counts)
 
             replay_logprobs(self.model, batch.prompt_ids[sl], batch.prompt_mask[sl], batch.tokens[sl],
                             batch.mask[sl], plan, 1.0, on_segment=on_segment, with_logits=True)
         self.engine.step()
-        nll, r_nll, r_hits, r_n = _all_reduce(sums.tolist(), dev)
+        nll, r_nll, r_hits, r_n, div = _all_reduce(sums.tolist(), dev)
         out = {"loss": nll / num_tok, "completions/mean_length": num_tok / max(1, len(rows) * world_size())}
+        if distill:
+            out.update({"loss": div + nll_weight * nll / num_tok, "nll": nll / num_tok, "distill/divergence": div})
         if r_n:
             out.update({"recall/nll": r_nll / r_n, "recall/token_accuracy": r_hits / r_n})
         return out
@@ -319,7 +334,7 @@ class Trainer:
         lr = learning_rate(cfg, self.step)
         for group in self.engine.optimizer.param_groups:  # set before this step's engine.step()
             group["lr"] = lr
-        if cfg.objective == "sft":
+        if cfg.teacher_forced():
             metrics = self._sft_update(rows)
             metrics.update({"lr": lr, "timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0,
                             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device))})

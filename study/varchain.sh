@@ -118,3 +118,16 @@ for seed in 1 2; do
   $D4 --tag d4-N-noglobal-softmax-c2-w100x60-after3-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
      --set train.sft_recall_weight_after=3 --set base.seed=$seed
 done
+# Ninth session (results in study/results/varchain-9.jsonl): task-agnostic distillation, teacher-forced on the
+# worked solutions (train.objective=distill, train.distill_source=solutions): the adapter-disabled full-cache model
+# is the teacher, KL(teacher || student) per token (distill_beta 0), no task label in the loss; M's schedule
+# (90 steps, lr 3e-3, the last 30 decayed). Seeds 0, 1, 2, each with its LoRA_c twin (one thread each, two jobs
+# side by side), from the cpu-demo preset's data and warm start (--params params.yaml --data data).
+V9="python -m pte.study varchain --params params.yaml --data data --threads 1 --out study/results/varchain-9.jsonl"
+DS="--set train.objective=distill --set train.distill_source=solutions --set train.distill_beta=0
+    --set train.sft_recall_weight=1 --set train.sft_recall_steps=null"
+for seed in 0 1 2; do
+  for method in pte_no_global lora_c; do
+    $V9 --tag d4-DS-fkl-wsd3e-3-d30-90-seed$seed --methods $method $SFT $SM $M $DS --set base.seed=$seed
+  done
+done

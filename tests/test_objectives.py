@@ -249,3 +249,23 @@ def test_grpo_with_the_exact_kl_trains_and_is_zero_for_a_fresh_full_cache_adapte
     last = train(dataclasses.replace(p, train=dataclasses.replace(p.train, steps=3)), "pte", PROBLEMS, ANSWERS,
                  tmp_path / "pte", progress=False)
     assert last["kl"] > 0 and last["replay/max_abs_diff"] < 1e-4
+
+
+def test_distill_on_solutions_is_zero_where_the_cache_is_full_and_teaches_bounded_methods(tmp_path, one_thread):
+    """Teacher-forced distillation on worked solutions: with a full cache a fresh adapter equals its teacher (zero
+    divergence); under a bounded cache the divergence is positive and the reported loss is the divergence plus
+    ``distill_nll_weight`` times the NLL."""
+    kw = {"distill_source": "solutions"}
+    first = Trainer(params("distill", steps=1, **kw), "lora", PROBLEMS, ANSWERS, tmp_path / "lora",
+                    problems=PROBLEMS, solutions=SOLUTIONS).train_step()
+    assert first["distill/divergence"] == pytest.approx(0.0, abs=1e-6) and first["loss"] == first["distill/divergence"]
+    train(params("distill", steps=3, distill_nll_weight=0.5, **kw), "pte", PROBLEMS, ANSWERS, tmp_path / "pte",
+          progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
+    hist = read_metrics(tmp_path / "pte" / "metrics.jsonl")
+    assert hist[0]["distill/divergence"] > 0 and "recall/nll" in hist[0]
+    for h in hist:
+        assert h["loss"] == pytest.approx(h["distill/divergence"] + 0.5 * h["nll"], rel=1e-6)
+    with pytest.raises(ValueError, match="needs a worked solution"):
+        Trainer(params("distill", **kw), "pte", PROBLEMS, ANSWERS, tmp_path / "none")
+    with pytest.raises(ValueError, match="distill_nll_weight"):
+        params("distill", distill_nll_weight=1.0)
