@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import DEFAULT_MODEL, _local_model, write_result  # noqa: E402
 from train_memory import GIB, IMPLS, guarded, summarize, worker  # noqa: E402
 
-from pte.models import RANDOM_PRESETS  # noqa: E402
+from pte.engine.models import RANDOM_PRESETS  # noqa: E402
 
-# Qwen2.5-3B(-Instruct)'s architecture: pte.models' random:qwen2.5-3b preset (hidden_act: Qwen2's silu).
+# Qwen2.5-3B(-Instruct)'s architecture: pte.engine.models' random:qwen2.5-3b preset (hidden_act: Qwen2's silu).
 QWEN25_3B = {**{k: v for k, v in RANDOM_PRESETS["qwen2.5-3b"].items() if k != "model_type"}, "hidden_act": "silu"}
 # Test mode: tiny everywhere except the vocabulary, so that the undecodable-token path below is exercised too.
 TINY = {**QWEN25_3B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -67,7 +67,7 @@ def build_model(out_dir: Path, tiny: bool, dtype: str, tokenizer_src: str) -> di
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from pte.models import load_tokenizer
+    from pte.engine.models import load_tokenizer
 
     tok = load_tokenizer(tokenizer_src)
     if tok.pad_token_id is None:

@@ -82,7 +82,7 @@ GRPO_SEED = 0
 
 def _local_model(source: str, cache_dir: Path) -> str:
     """GGUF sources are converted once to an HF directory so each worker loads in well under a second."""
-    from pte.models import load_model, save_hf
+    from pte.engine.models import load_model, save_hf
 
     if source.startswith("random:") or Path(source).is_dir():
         return source
@@ -139,8 +139,8 @@ def shape_prompts(shape: str, prompts: int, batch: int) -> list[str]:
     if shape == "bench":
         texts = [PROMPT] if prompts == 1 else [f"{PROMPT} (variant {i})" for i in range(prompts)]
     else:
-        from pte.data import PROMPT_TEMPLATES
-        from pte.tasks import VarChainConfig, var_chain
+        from pte.data.rows import PROMPT_TEMPLATES
+        from pte.data.tasks import VarChainConfig, var_chain
 
         texts = [PROMPT_TEMPLATES["boxed"].replace("{problem}", var_chain(VarChainConfig(), GRPO_SEED, i)[0])
                  for i in range(prompts)]
@@ -231,8 +231,8 @@ def apply_roofline(row: dict, roofline: dict) -> None:
 
 def held_thinking(new_tokens: int, window: int | None, evict: int) -> list[int]:
     """Thinking tokens in the cache after feeding each generated token ``j = 0 .. N-2`` (the decode forwards), under
-    the eviction schedule of :func:`pte.cache.event_steps` (``window`` None: never evicted)."""
-    from pte.cache import CachePlan, event_steps
+    the eviction schedule of :func:`pte.engine.cache.event_steps` (``window`` None: never evicted)."""
+    from pte.engine.cache import CachePlan, event_steps
 
     fed = max(0, new_tokens - 1)
     events = set(event_steps(CachePlan(0, window, evict), fed)) if window is not None else set()
@@ -282,11 +282,11 @@ def worker(impl: str, model_src: str, batch: int, new_tokens: int, window: int, 
     roofline (``gemm_size`` 0: none). Returns the row of the JSON result."""
     import torch
 
-    from pte.cache import plan_cache
     from pte.config import CacheConfig, SamplingConfig
-    from pte.inference import encode_prompts
-    from pte.models import load_model
-    from pte.rollout import generate, shared_prompts
+    from pte.engine.cache import plan_cache
+    from pte.engine.inference import encode_prompts
+    from pte.engine.models import load_model
+    from pte.engine.rollout import generate, shared_prompts
 
     torch.manual_seed(0)
     model, tok = load_model(model_src, dtype=dtype, device=device)

@@ -106,7 +106,7 @@ def _zero_reward(completions: list, *args, **kwargs) -> list[float]:
 
 def _ours(method: str, model: str, n: int, window: int, group: int, rank: int, out: Path, device: str | None = None,
           zero_reward: bool = False) -> dict:
-    import pte.train as train_mod
+    import pte.training.train as train_mod
 
     train_mod.eos_ids = lambda model, tok: []  # exactly n tokens per completion, as TRL with min_new_tokens
     params = _params(model, n, window, group, rank, device, checkpointing=method == "lora_gc")
@@ -124,7 +124,7 @@ def _trl(model: str, n: int, group: int, rank: int, out: Path, device: str | Non
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from pte.models import load_model
+    from pte.engine.models import load_model
 
     cuda = device == "cuda"
     net, tok = load_model(model, dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")

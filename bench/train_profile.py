@@ -1,16 +1,17 @@
 """Where one GRPO training step spends its time: rollout, reference forward, replay forward, loss, backward, update.
 
-Runs our trainer (``pte.train.Trainer``) for ``--steps`` steps of a preset (default: cpu-demo, the pipeline's GRPO
-step: 2 prompts x 4 samples of ``var_chain``, 128 new tokens, 32-slot window, ``beta`` 0.001 with a full-cache
-reference) and times its phases with wall-clock timers wrapped around the functions the step calls (CUDA-synchronized
-on a GPU). The phases are exclusive, so they add up to the step:
+Runs our trainer (``pte.training.train.Trainer``) for ``--steps`` steps of a preset (default: cpu-demo, the pipeline's
+GRPO step: 2 prompts x 4 samples of ``var_chain``, 128 new tokens, 32-slot window, ``beta`` 0.001 with a full-cache
+reference) and times its phases with wall-clock timers wrapped around the functions the step calls (CUDA-synchronized on
+a GPU). The phases are exclusive, so they add up to the step:
 
-* ``rollout: generate``: :func:`pte.rollout.generate` (sampling under the method's cache);
+* ``rollout: generate``: :func:`pte.engine.rollout.generate` (sampling under the method's cache);
 * ``rollout: decode + reward``: the rest of the trainer's rollout (decoding the completions, rewards, recall);
 * ``reference forward``: the KL reference's log-probs (adapters off, no gradient; ``grpo.kl_cache``);
-* ``replay forward``: :func:`pte.replay.replay_logprobs` of the policy, segment by segment, without the loss and the
+* ``replay forward``: :func:`pte.engine.replay.replay_logprobs` of the policy, segment by segment, without the loss and
+the
   backward it calls per segment;
-* ``loss``: the per-segment objective (``grpo_chunk``; ``sft_chunk`` / ``distill_chunk`` for the other objectives);
+* ``loss``: the per-segment objective (``grpo_chunk``; ``sft_chunk`` / ``jsd_loss`` for the other objectives);
 * ``backward``: the per-segment ``engine.backward``;
 * ``optimizer step``: ``engine.step`` (gradient clipping, AdamW on the adapter);
 * ``other``: the rest of the step (advantages, padding the chunks to one length, metrics).
@@ -110,14 +111,15 @@ class Phases:
 
 
 def instrument(trainer, phases: Phases):
-    """Wrap the functions one step of ``trainer`` calls (module names in ``pte.train``, the trainer's methods and its
-    engine's ``step``) with ``phases`` timers. Returns a function that puts ``pte.train``'s names back."""
-    import pte.train as train_mod
+    """Wrap the functions one step of ``trainer`` calls (module names in ``pte.training.train``, the trainer's methods
+    and its engine's ``step``) with ``phases`` timers. Returns a function that puts ``pte.training.train``'s names
+    back."""
+    import pte.training.train as train_mod
 
-    names = ("generate", "grpo_chunk", "sft_chunk", "distill_chunk", "replay_logprobs")
+    names = ("generate", "grpo_chunk", "sft_chunk", "jsd_loss", "replay_logprobs")
     saved = {attr: getattr(train_mod, attr) for attr in names}
     for attr, name in (("generate", "rollout: generate"), ("grpo_chunk", "loss"), ("sft_chunk", "loss"),
-                       ("distill_chunk", "loss")):
+                       ("jsd_loss", "loss")):
         setattr(train_mod, attr, phases.wrap(name, getattr(train_mod, attr)))
     # the reference's own replay (adapters off, no gradient) is the reference forward, not the policy's replay
     train_mod.replay_logprobs = phases.wrap("replay forward", train_mod.replay_logprobs,
@@ -172,14 +174,14 @@ def phase_floors(work: dict[str, dict[str, int]], calls: dict[str, int], sizes: 
 
 
 def _rows(params, data: str | None):
-    from pte.data import build_splits, read_jsonl
+    from pte.data.rows import build_splits, read_jsonl
 
     return read_jsonl(data) if data else build_splits(params.data)["train"]
 
 
 def _print_split(step: int, seconds: dict[str, float], calls: dict[str, int], wall: float, metrics: dict,
                  floors: dict[str, dict] | None = None) -> None:
-    print(f"\nstep {step}: {wall:.2f} s (trainer: rollout {metrics['timing/rollout_s']:.2f} s, "
+    print(f"\nstep {step}: {wall:.2f} s (trainer: rollout {metrics.get('timing/rollout_s', 0.0):.2f} s, "
           f"update {metrics['timing/update_s']:.2f} s; mean length {metrics['completions/mean_length']:.1f}, "
           f"evictions {metrics.get('cache/evictions', 0.0):.1f})")
     extra = f" {'floor s':>9s} {'bound':>8s}" if floors is not None else ""
@@ -198,7 +200,7 @@ def _print_split(step: int, seconds: dict[str, float], calls: dict[str, int], wa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(ROOT / "presets" / "cpu-demo.yaml"), help="a preset or params.yaml")
-    ap.add_argument("--method", default="pte", help="pte, lora_c, lora, ... (pte.methods)")
+    ap.add_argument("--method", default="pte", help="pte, lora_c, lora, ... (pte.config.methods)")
     ap.add_argument("--base", help="model directory to train (e.g. models/warmstart); default: the preset's "
                                    "model.source (a GGUF is converted once into --cache-dir)")
     ap.add_argument("--data", help="training rows (JSONL, e.g. data/train.jsonl); default: the preset's train split, "
@@ -218,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pte.config import load_params
-    from pte.data import format_prompt
-    from pte.train import Trainer
+    from pte.data.rows import format_prompt
+    from pte.training.train import Trainer
 
     roof = None
     if args.floor:
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pte-train-profile-") as out_dir:
         solutions = None
         if params.train.objective == "sft":  # the preset's default objective trains on worked solutions
-            from pte.tasks import worked_solutions
+            from pte.data.tasks import worked_solutions
 
             solutions = worked_solutions(rows, "train.objective = 'sft'", "profile a source with a solution writer.")
         trainer = Trainer(params, args.method, prompts, [r.answer for r in rows], out_dir,
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 _print_split(i, seconds, calls, wall, metrics, floors)
                 steps.append({"step": i, "seconds": wall, "phases": seconds, "calls": calls,
                               "torch_profiler": bool(profiled),
-                              "trainer_timing": {k: metrics[k] for k in ("timing/rollout_s", "timing/update_s")},
+                              "trainer_timing": {k: metrics[k] for k in ("timing/rollout_s", "timing/update_s")
+                                                 if k in metrics},
                               "mean_length": metrics["completions/mean_length"],
                               "evictions": metrics.get("cache/evictions"), "reward": metrics.get("reward"),
                               **({"floors": floors, "floor_s": sum(f["floor_s"] for f in floors.values())}

@@ -35,7 +35,8 @@ from prefect.exceptions import MissingContextError
 
 __all__ = ["dvc_repro", "main", "pipeline", "select_targets", "subprocess_env", "use_preset"]
 
-# stack.md §5. Defaults only: a value already in the environment wins (the paper preset on k8s sets HF_*_OFFLINE=0).
+# Offline and no telemetry (docs/pipeline.md). Defaults only: a value already in the environment wins (the paper
+# preset on k8s sets HF_*_OFFLINE=0).
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",

@@ -11,22 +11,17 @@ The public API is re-exported lazily (importing ``pte`` does not import torch):
 ``load_params`` and the config dataclasses, ``load_model``, ``generate`` / ``Generator``, the adapter verbs,
 ``train`` and ``evaluate_all``.
 
-Module map (the method decisions: docs/method.md; the pipeline seams: docs/pipeline.md):
+Layout (imports point down: pipeline -> training -> engine -> config, with data a leaf beside the engine; the
+method decisions: docs/method.md; the pipeline seams: docs/pipeline.md):
 
-* engine: ``models`` (base model + tokenizer from a source string), ``cache`` (prompt block + thinking window,
-  chunked eviction), ``state`` (evicted K/V -> thought state S), ``adapters`` (PTE adapter, peft LoRA baselines),
-  ``methods`` (method names), ``rollout`` (sampling under the bounded cache), ``replay`` (log-probs under the
-  rollout's eviction schedule), ``inference`` (text in, text out: chat template, batching, decoding);
-* training: ``grpo`` (advantages, PPO-clip, KL, loss aggregation), ``objectives`` (``sft``, ``distill``), ``train``
-  (the cache-aware loop), ``runtime`` (device, precision, seeding, DeepSpeed), ``checkpoint`` (atomic, resumable),
-  ``warmstart`` (supervised warm start of the base);
-* data: ``sources`` (problem sources -> rows), ``tasks`` (``var_chain``, worked solutions), ``data`` (splits, JSONL,
-  prompts, chat messages), ``rewards`` (answer extraction, equivalence oracle);
-* pipeline: ``config`` (``Params``, ``load_params``) with ``config_engine``, ``config_training``,
-  ``config_pipeline`` and ``schema`` (parsing helpers), ``stages`` (DVC stage entry points), ``cli`` (the ``pte``
-  command), ``evaluate`` (every method under every budget), ``plots``, ``tracking`` (MLflow, JSON lines, offline
-  sync), ``registry`` and ``registry_model`` (registered model, predictor), ``mechanism`` and ``study`` (research
-  instruments).
+* ``pte.config``: ``Params`` and ``load_params`` with the sections ``engine``, ``training``, ``pipeline``, the method
+  names (``methods``) and the parsing helpers (``schema``);
+* ``pte.engine``: ``models``, ``cache``, ``state``, ``adapters``, ``rollout``, ``replay``, ``inference``;
+* ``pte.training``: ``grpo``, ``objectives``, ``train``, ``runtime``, ``checkpoint``, ``warmstart``;
+* ``pte.data``: ``sources``, ``tasks``, ``rows``, ``rewards``;
+* ``pte.pipeline``: ``stages``, ``cli``, ``evaluate``, ``plots``, ``tracking``, ``registry``, ``registry_model``.
+
+The research instruments (the mechanism test, the study runners) live outside the package, in ``research/``.
 """
 
 from __future__ import annotations
@@ -38,10 +33,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_params": "pte.config", "Params": "pte.config", "CacheConfig": "pte.config", "SamplingConfig": "pte.config",
     "AdapterConfig": "pte.config", "PTEConfig": "pte.config", "GRPOConfig": "pte.config", "TrainConfig": "pte.config",
-    "load_model": "pte.models", "generate": "pte.rollout", "Rollout": "pte.rollout", "Generator": "pte.inference",
-    "attach_adapter": "pte.adapters", "save_adapter": "pte.adapters", "load_adapter": "pte.adapters",
-    "adapters_disabled": "pte.adapters", "replay_logprobs": "pte.replay", "train": "pte.train",
-    "evaluate_all": "pte.evaluate", "score": "pte.rewards",
+    "load_model": "pte.engine.models", "generate": "pte.engine.rollout", "Rollout": "pte.engine.rollout",
+    "Generator": "pte.engine.inference", "attach_adapter": "pte.engine.adapters", "save_adapter": "pte.engine.adapters",
+    "load_adapter": "pte.engine.adapters", "adapters_disabled": "pte.engine.adapters",
+    "replay_logprobs": "pte.engine.replay", "train": "pte.training.train", "evaluate_all": "pte.pipeline.evaluate",
+    "score": "pte.data.rewards",
 }
 
 __all__ = ["__version__", *_EXPORTS]

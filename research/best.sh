@@ -7,7 +7,7 @@
 # jobs side by side): about 18 + 17 + 28 minutes of training plus a few minutes of evaluation per method.
 set -eu
 cd "$(dirname "$0")/.."
-S="python -m pte.study varchain --params params.yaml --data data --out ${OUT:-study/results/best.jsonl}"
+S="python -m research.study varchain --params params.yaml --data data --out ${OUT:-research/results/best.jsonl}"
 $S --tag best-base --methods base --budgets 140 null
 $S --tag best-M-pte_no_global --methods pte_no_global --budgets 140 null
 $S --tag best-M-lora_c --methods lora_c

@@ -7,7 +7,7 @@ A seconds-long instrument for every design question about the thought state. A f
 where ``X`` is one of ``num_symbols`` symbols drawn per row and ``f_1 .. f_n, SEP`` are fixed fillers. The thinking
 window holds ``window`` tokens and evicts ``evict`` (default one) per event, so by the time ``SEP`` is read the first
 ``X`` has left the cache: only a memory of evicted tokens can predict the final ``X``. The objective is the
-teacher-forced NLL of the final ``X`` through the training replay (:func:`pte.replay.replay_logprobs`, segment-wise
+teacher-forced NLL of the final ``X`` through the training replay (:func:`pte.engine.replay.replay_logprobs`, segment-wise
 backward exactly as in training), and the metric is recall accuracy: the fraction of held-out rows whose final ``X``
 scores highest among the symbols. Chance is ``1 / num_symbols``.
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pte.adapters import attach_adapter, trains_with_bounded_cache
-from pte.cache import CachePlan, plan_cache
 from pte.config import AdapterConfig, CacheConfig, PTEConfig
-from pte.replay import replay_logprobs
+from pte.engine.adapters import attach_adapter, trains_with_bounded_cache
+from pte.engine.cache import CachePlan, plan_cache
+from pte.engine.replay import replay_logprobs
 
 __all__ = ["MechanismConfig", "MechanismResult", "build_model", "recall_accuracy", "recall_batch", "run_mechanism",
            "train_recall"]
@@ -155,7 +155,7 @@ def recall_accuracy(model, cfg: MechanismConfig, method: str, generator: torch.G
 
 def build_model(cfg: MechanismConfig, method: str):
     """The frozen base with ``method``'s adapter (only adapter parameters trainable)."""
-    from pte.models import load_model
+    from pte.engine.models import load_model
 
     model, _ = load_model(cfg.model, seed=cfg.seed)
     model.requires_grad_(False)

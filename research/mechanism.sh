@@ -1,7 +1,7 @@
 #!/bin/bash
 # The mechanism grid of docs/evaluation.md ("What makes the state learn"), one thread, every run in MLflow pte-study.
 set -u
-S="python -m pte.study mechanism --threads 1 --out ${OUT:-runs/study/mechanism.jsonl}"
+S="python -m research.study mechanism --threads 1 --out ${OUT:-runs/study/mechanism.jsonl}"
 $S --tag plain --methods pte lora_c lora pte_global_only pte_no_global --set steps=100
 $S --tag plain-32fillers --methods pte --set steps=300 --set fillers=32
 $S --tag pairs2 --methods lora lora_c pte pte_no_global pte_global_only --set steps=300 --set pairs=2 --set fillers=6
@@ -107,8 +107,8 @@ $S --tag smol-d6-lead2 --methods pte_no_global --set steps=60 --set distractors=
 $S --tag smol-d6-lead8-context2 --methods pte_no_global --set steps=60 --set distractors=true --set fillers=6 --set lead=8 \
    --set pte.write_context=2 --set pte.gate_horizon=64 --set batch_size=16 --set eval_rows=128 --set model=models/warmstart
 # Fifth session: the softmax write (pte.write=softmax, not the paper), pair mid-thought (lead 8). Results in
-# study/results/mechanism-5.jsonl; the one-off comparisons through study/diagnostics/softmax_write.py (same math,
-# monkeypatched, linear vs softmax in one harness) in study/results/diagnostics-5.jsonl.
+# research/results/mechanism-5.jsonl; the one-off comparisons through study/diagnostics/softmax_write.py of 41b9881 (same math,
+# monkeypatched, linear vs softmax in one harness) in research/results/diagnostics-5.jsonl.
 SM="--set distractors=true --set lead=8 --set pte.write_context=2 --set pte.gate_horizon=64 --set pte.write=softmax"
 $S --tag tiny-lead8-c2-softmax --methods pte_no_global --set steps=300 --set batch_size=16 --set fillers=16 \
    --set eval_rows=128 $SM

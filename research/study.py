@@ -2,14 +2,14 @@
 
 Two instruments, every run recorded in the MLflow experiment ``pte-study`` (and a JSON line in ``--out``):
 
-* ``mechanism``: :func:`pte.mechanism.run_mechanism` over a grid of settings (seconds per run);
+* ``mechanism``: :func:`research.mechanism.run_mechanism` over a grid of settings (seconds per run);
 * ``varchain``: the recall probe on the real demo model: train a method with ``train.objective`` (``sft`` by
   default) from the warm-started base, then measure on held-out problems (a) teacher-forced recall under the
   training cache (NLL and accuracy on the tokens that write a recalled value) and (b) greedy answer and recall
   accuracy when generating under the bounded budget.
 
-    python -m pte.study mechanism --out runs/study/mechanism.jsonl --set fillers=32 --set lr=0.01
-    python -m pte.study varchain --params params.yaml --base models/warmstart --methods pte lora_c \
+    python -m research.study mechanism --out runs/study/mechanism.jsonl --set fillers=32 --set lr=0.01
+    python -m research.study varchain --params params.yaml --base models/warmstart --methods pte lora_c \
         --set train.steps=60 --set adapter.rank=16
 
 ``--set`` overrides one setting (``key=value``, YAML values); repeat it. Grids are shell loops over ``--set``.
@@ -33,7 +33,7 @@ __all__ = ["greedy_eval_config", "heldout_rows", "main", "teacher_forced_recall"
 
 def _tracker(experiment: str, name: str, tags: dict[str, str]):
     from pte.config import TrackingConfig
-    from pte.tracking import make_tracker
+    from pte.pipeline.tracking import make_tracker
 
     return make_tracker(TrackingConfig(experiment=experiment), run_name=name, tags=tags)
 
@@ -68,10 +68,10 @@ def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], s
 
     The tokens that write a recalled value are the ones an evicted thought must supply (:func:`recall_positions`).
     """
-    from pte.cache import plan_cache
-    from pte.inference import eos_ids
-    from pte.objectives import sft_batch, sft_chunk
-    from pte.replay import replay_logprobs
+    from pte.engine.cache import plan_cache
+    from pte.engine.inference import eos_ids
+    from pte.engine.replay import replay_logprobs
+    from pte.training.objectives import sft_batch, sft_chunk
 
     sums = torch.zeros(4, dtype=torch.float64)  # nll, recall nll, recall hits, recalls (as sft counts them)
     tokens_total = 0.0
@@ -98,8 +98,8 @@ _NEEDS = "the probe needs var_chain (or reasoning_gym:chain_sum) rows in data.tr
 def heldout_rows(params, data_dir: str | Path, size: int) -> tuple[list, list]:
     """``(train rows, held-out rows)``: ``data_dir/train.jsonl``, and data.eval's first source regenerated at ``size``
     minus any problem of the train rows (the probe's held-out set)."""
-    from pte.data import normalize_problem, read_jsonl
-    from pte.sources import load_source
+    from pte.data.rows import normalize_problem, read_jsonl
+    from pte.data.sources import load_source
 
     rows = read_jsonl(Path(data_dir) / "train.jsonl")
     seen = {normalize_problem(r.problem) for r in rows}
@@ -120,12 +120,12 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
                    budgets: tuple[int | None, ...] = (140,)) -> dict[str, float]:
     """Train ``method`` from ``base`` with ``params`` on ``rows`` and measure recall on the held-out rows ``ev``:
     teacher-forced under the training cache, and greedy generation under each of ``budgets`` (may be empty)."""
-    from pte.data import format_prompt
-    from pte.evaluate import budget_label, evaluate_policy
-    from pte.inference import Generator
-    from pte.stages import with_base
-    from pte.tasks import worked_solutions
-    from pte.train import train
+    from pte.data.rows import format_prompt
+    from pte.data.tasks import worked_solutions
+    from pte.engine.inference import Generator
+    from pte.pipeline.evaluate import budget_label, evaluate_policy
+    from pte.pipeline.stages import with_base
+    from pte.training.train import train
 
     params = with_base(params, base)
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def _override(params, sets: dict[str, Any]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pte.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.study", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
     mech = sub.add_parser("mechanism", help="the synthetic recall test over settings")
     mech.add_argument("--methods", nargs="+", default=["pte", "lora_c", "lora"])
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = _parse_sets(args.set)
     if args.study == "mechanism":
         from pte.config import PTEConfig
-        from pte.mechanism import MechanismConfig, run_mechanism
+        from research.mechanism import MechanismConfig, run_mechanism
 
         pte_sets = {k[4:]: v for k, v in sets.items() if k.startswith("pte.")}
         cfg = MechanismConfig(**{k: v for k, v in sets.items() if not k.startswith("pte.")},

@@ -4,7 +4,7 @@
 # Each probe trains one method with the sft objective from models/warmstart, then measures on 128 held-out
 # problems: teacher-forced recall under the training cache, greedy answers and recalls under C = 140.
 set -u
-S="python -m pte.study varchain --out ${OUT:-runs/study/varchain.jsonl}"
+S="python -m research.study varchain --out ${OUT:-runs/study/varchain.jsonl}"
 SFT="--set train.objective=sft --set train.prompts_per_step=8 --set train.rollout_batch=8 --set train.micro_batch=8
      --set train.save_every=1000"
 $S --tag base --methods base --budgets 140 null
@@ -27,7 +27,7 @@ p["data"]["train"][0]["size"] = 1024
 yaml.safe_dump(p, open("runs/study/d4/params.yaml", "w"), sort_keys=False)
 PY
 pte data --params runs/study/d4/params.yaml --out runs/study/d4/data
-D4="python -m pte.study varchain --params runs/study/d4/params.yaml --data runs/study/d4/data --threads 1
+D4="python -m research.study varchain --params runs/study/d4/params.yaml --data runs/study/d4/data --threads 1
     --out ${OUT:-runs/study/varchain.jsonl}"
 $D4 --tag d4-base --methods base --budgets 140 null
 # F and its LoRA_c twin were stopped after their training curves (in docs/evaluation.md) showed no recall.
@@ -37,15 +37,15 @@ $D4 --tag d4-F-lora_c-60 --methods lora_c $SFT --set train.steps=60 --set train.
 $D4 --tag d4-G-noglobal-gate-w100-60 --methods pte_no_global $SFT --set train.steps=60 --set train.lr=0.003 \
    --set pte.write_gate=true --set train.sft_recall_weight=100
 # Fifth session: the softmax write (pte.write=softmax, not the paper) with c = 2, and its LoRA_c twin; results in
-# study/results/varchain-5.jsonl. (The twin ran with --base /tmp/warmstart, a copy of models/warmstart taken while
+# research/results/varchain-5.jsonl. (The twin ran with --base /tmp/warmstart, a copy of models/warmstart taken while
 # a dvc repro was rewriting it; the same files.)
 $D4 --tag d4-H-noglobal-softmax-c2-w100-150 --methods pte_no_global $SFT --set train.steps=150 --set train.lr=0.003 \
    --set pte.write=softmax --set pte.write_context=2 --set pte.gate_horizon=16 --set train.sft_recall_weight=100
 $D4 --tag d4-H-lora_c-w100-150 --methods lora_c $SFT --set train.steps=150 --set train.lr=0.003 \
    --set train.sft_recall_weight=100
 # Sixth session: a second sft phase with every token weighted 1 (lr 1e-3, 60 steps) from run H's adapter and from
-# its LoRA_c twin's; results in study/results/varchain-6.jsonl.
-D4="$D4 --out study/results/varchain-6.jsonl"
+# its LoRA_c twin's; results in research/results/varchain-6.jsonl.
+D4="$D4 --out research/results/varchain-6.jsonl"
 SM="--set pte.write=softmax --set pte.write_context=2 --set pte.gate_horizon=16"
 H=runs/study/varchain-pte_no_global-d4-H-noglobal-softmax-c2-w100-150/adapter
 HL=runs/study/varchain-lora_c-d4-H-lora_c-w100-150/adapter
@@ -65,11 +65,12 @@ $D4 --tag d4-M-lora_c-w100x60-wsd3e-3-d30-90 --methods lora_c $SFT $M
 # generation step crashed on the empty budget list, since fixed).
 $D4 --tag d4-J-pte-softmax-c2-w100-150 --methods pte $SFT $SM --set train.steps=150 --set train.lr=0.003 \
    --set train.sft_recall_weight=100 --budgets
-# Where greedy completions first go wrong (study/results/diagnostics-6.jsonl).
+# Where greedy completions first go wrong (research/results/diagnostics-6.jsonl; the script is frozen at commit
+# 41b9881 as study/diagnostics/first_error.py, research/README.md).
 for a in none runs/study/varchain-pte_no_global-d4-H-noglobal-softmax-c2-w100-150/adapter \
          runs/study/varchain-lora_c-d4-H-lora_c-w100-150/adapter; do
   PYTHONPATH=. python study/diagnostics/first_error.py --adapter $a --threads 1 --budgets 140 null \
-    --out study/results/diagnostics-6.jsonl
+    --out research/results/diagnostics-6.jsonl
 done
 # Ablation and GRPO after the best warm objective, both from recipe M: pte_global_only trained with M, and 15 GRPO
 # steps (4 prompts x 4 samples, lr 3e-4) from run M's adapter.
@@ -82,10 +83,10 @@ $D4 --tag d4-M-then-grpo-lr3e-4-15 --methods pte_no_global $SM --set train.objec
 $D4 --tag d4-grpo-alone-lr1e-3-15 --methods pte_no_global $SM --set train.objective=grpo --set train.steps=15 \
    --set train.prompts_per_step=4 --set train.rollout_batch=16 --set train.micro_batch=8 --set train.lr=0.001 \
    --set train.save_every=1000
-# Seventh session (results in study/results/varchain-7.jsonl): recipe M with two more seeds (base.seed sets the
+# Seventh session (results in research/results/varchain-7.jsonl): recipe M with two more seeds (base.seed sets the
 # adapter's initialisation and the data order), M's LoRA_c twin with seed 1, GRPO alone at lr 3e-4, and seed 1 with
 # a longer first phase (90 weighted steps + 30 plain).
-D4="${D4% --out*} --out study/results/varchain-7.jsonl"
+D4="${D4% --out*} --out research/results/varchain-7.jsonl"
 GR="--set train.objective=grpo --set train.steps=15 --set train.prompts_per_step=4 --set train.rollout_batch=16
     --set train.micro_batch=8 --set train.save_every=1000"
 for seed in 1 2; do
@@ -101,9 +102,9 @@ $D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed1 --methods pt
 # M120 with seed 2 (run alone on the machine, two threads).
 $D4 --tag d4-M120-noglobal-softmax-c2-w100x90-wsd3e-3-d30-120-seed2 --methods pte_no_global $SFT $SM $M120 \
    --set base.seed=2 --threads 2
-# Eighth session (results in study/results/varchain-8.jsonl): recipe N, M with the recall token weighted 10 instead
+# Eighth session (results in research/results/varchain-8.jsonl): recipe N, M with the recall token weighted 10 instead
 # of 1 after step 60 (train.sft_recall_weight_after), seeds 1 and 2 (one thread each, run side by side).
-D4="${D4% --out*} --out study/results/varchain-8.jsonl"
+D4="${D4% --out*} --out research/results/varchain-8.jsonl"
 for seed in 1 2; do
   $D4 --tag d4-N-noglobal-softmax-c2-w100x60-after10-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
      --set train.sft_recall_weight_after=10 --set base.seed=$seed
@@ -118,12 +119,12 @@ for seed in 1 2; do
   $D4 --tag d4-N-noglobal-softmax-c2-w100x60-after3-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT $SM $M \
      --set train.sft_recall_weight_after=3 --set base.seed=$seed
 done
-# Ninth session (results in study/results/varchain-9.jsonl): task-agnostic distillation, teacher-forced on the
+# Ninth session (results in research/results/varchain-9.jsonl): task-agnostic distillation, teacher-forced on the
 # worked solutions (train.objective=distill, train.distill_source=solutions): the adapter-disabled full-cache model
 # is the teacher, KL(teacher || student) per token (distill_beta 0), no task label in the loss; M's schedule
 # (90 steps, lr 3e-3, the last 30 decayed). Seeds 0, 1, 2, each with its LoRA_c twin (one thread each, two jobs
 # side by side), from the cpu-demo preset's data and warm start (--params params.yaml --data data).
-V9="python -m pte.study varchain --params params.yaml --data data --threads 1 --out study/results/varchain-9.jsonl"
+V9="python -m research.study varchain --params params.yaml --data data --threads 1 --out research/results/varchain-9.jsonl"
 DS="--set train.objective=distill --set train.distill_source=solutions --set train.distill_beta=0
     --set train.sft_recall_weight=1 --set train.sft_recall_steps=null"
 for seed in 0 1 2; do

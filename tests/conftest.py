@@ -27,7 +27,7 @@ def _seed_and_dtype():
 
 
 def tiny(family: str, seed: int = 1):
-    from pte.models import load_model
+    from pte.engine.models import load_model
 
     model, tok = load_model(f"random:{family}", seed=seed)
     tok.padding_side = "left"

@@ -14,11 +14,11 @@ import math
 
 import torch
 
-from pte.adapters import StateLoRALinear, adapters_disabled, find_pte
+from pte.engine.adapters import StateLoRALinear, adapters_disabled, find_pte
 
 
 def eviction_schedule(window: int | None, evict: int, num_fed: int) -> list[int]:
-    """Fed-token indices before which an event happens (written independently of pte.cache)."""
+    """Fed-token indices before which an event happens (written independently of pte.engine.cache)."""
     if window is None:
         return []
     steps, kept = [], 0

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import batch, tiny
 
-from pte.adapters import (
+from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
+from pte.engine.adapters import (
     METHODS,
     adapter_state_dict,
     adapters_disabled,
@@ -15,8 +16,7 @@ from pte.adapters import (
     load_adapter,
     save_adapter,
 )
-from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
-from pte.rollout import generate
+from pte.engine.rollout import generate
 
 ADAPTER = AdapterConfig(rank=8, alpha=16.0)
 PTE = PTEConfig(global_tokens=4)

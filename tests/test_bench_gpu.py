@@ -35,7 +35,7 @@ def test_qwen25_3b_config_matches_the_random_preset():
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_memory import QWEN25_3B
 
-    from pte.models import RANDOM_PRESETS
+    from pte.engine.models import RANDOM_PRESETS
 
     preset = {k: v for k, v in RANDOM_PRESETS["qwen2.5-3b"].items() if k != "model_type"}
     assert {k: QWEN25_3B[k] for k in preset} == preset

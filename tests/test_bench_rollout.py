@@ -40,7 +40,7 @@ def test_held_thinking_follows_the_engines_eviction_schedule(one_thread):
     from conftest import batch, tiny
 
     from pte.config import CacheConfig, SamplingConfig
-    from pte.rollout import generate
+    from pte.engine.rollout import generate
 
     model, tok = tiny("qwen2-tiny")
     ids, mask = batch(tok)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pte.config import CacheConfig, load_params, params_from_dict
+from pte.config import CacheConfig, PTEConfig, load_params, params_from_dict
 
 
 def test_defaults_and_roundtrip(tmp_path):
@@ -70,3 +70,17 @@ def test_budget_alone_needs_no_window_null():
             params_from_dict({"cache": {"window": explicit, "budget": 140}})
     params = params_from_dict({"cache": {"budget": 140}})
     assert params_from_dict(params.to_dict()) == params  # the resolved window (null) round-trips
+
+
+def test_a_contradictory_ablation_fails_in_one_line():
+    """Ablations are method names; a YAML switch that would make one of them inert fails before anything runs."""
+    with pytest.raises(ValueError, match=r"^method 'pte_global_only' with pte.use_global_state: false is") as e:
+        params_from_dict({"pte": {"use_global_state": False}, "evaluate": {"methods": ["base", "pte_global_only"]}})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="S = Normalize\\(0\\) = 0"):
+        params_from_dict({"pte": {"use_global_state": False, "event_updates": False}})
+    from pte.engine.adapters import method_pte_config
+
+    cfg = PTEConfig()
+    assert not method_pte_config("pte_global_only", cfg).event_updates
+    assert not method_pte_config("pte_no_global", cfg).use_global_state and method_pte_config("pte", cfg) == cfg

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pte.data import (
+from pte.data.rows import (
     HUB_SOURCES,
     DataConfig,
     Row,
@@ -27,7 +27,7 @@ from pte.data import (
     read_jsonl,
     write_jsonl,
 )
-from pte.sources import SourceUnavailableError, load_source
+from pte.data.sources import SourceUnavailableError, load_source
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 
@@ -154,7 +154,7 @@ def test_hub_source_from_local_file(tmp_path, name, ext):
 
 
 def test_answer_normalization():
-    from pte.sources import _answer_text
+    from pte.data.sources import _answer_text
 
     cases = {27.0: "27", 2.5: "2.5", 3: "3", " $x^2$ ": "x^2", "$$\\pi$$": "\\pi", "$x$ and $y$": "$x$ and $y$",
              ("$1$", "$2$"): "1, 2", None: "", "$": "$"}
@@ -293,7 +293,7 @@ def test_warmstart_split_never_holds_eval_or_train_problems(tmp_path):
 
 
 def test_cpu_demo_eval_problems_never_reach_warmstart_or_training():
-    """Issue 6: held-out problems of the default preset appear in neither the warm-start nor the GRPO data."""
+    """Held-out problems of the default preset appear in neither the warm-start nor the GRPO data."""
     from pte.config import load_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "presets" / "cpu-demo.yaml")
@@ -328,7 +328,7 @@ def test_prepare_data_byte_identical(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "train.jsonl", "warmstart.jsonl"]
     assert (tmp_path / "a" / "warmstart.jsonl").read_bytes() == b""
     # a fresh interpreter with another hash seed writes the same bytes (no set/dict-order leaks)
-    code = ("import sys, yaml; from pte.data import data_config_from_dict, prepare_data; "
+    code = ("import sys, yaml; from pte.data.rows import data_config_from_dict, prepare_data; "
             "prepare_data(data_config_from_dict(yaml.safe_load(sys.stdin.read())['data']), sys.argv[1])")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], input=PARAMS_SNIPPET, text=True, env=env,

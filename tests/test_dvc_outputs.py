@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pte.adapters import sort_peft_sets
-from pte.stages import REGISTRATION_RUN_KEYS, registered_candidate
+from pte.engine.adapters import sort_peft_sets
+from pte.pipeline.stages import REGISTRATION_RUN_KEYS, registered_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written by every run, never declared: wall times and memory, the registry's answer, the training log, checkpoints.
@@ -126,7 +126,7 @@ def test_sort_peft_sets_orders_the_lists_peft_writes_from_sets(tmp_path):
 TRAIN = """
 import sys
 from pte.config import params_from_dict
-from pte.train import train
+from pte.training.train import train
 params = params_from_dict({"model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 8},
     "adapter": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "grpo": {"num_generations": 2, "max_completion_length": 8, "reward": "char_match"},

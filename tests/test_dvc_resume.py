@@ -1,4 +1,4 @@
-"""Killing `dvc repro` during training and running it again resumes from the checkpoint (issue 5, acceptance 6).
+"""Killing `dvc repro` during training and running it again resumes from the checkpoint.
 
 A clone of this checkout on the smoke preset with more training steps; `dvc repro train@pte` is killed (SIGKILL to
 its whole process group, as a lost machine would) once a mid-run checkpoint exists; the second `dvc repro` must

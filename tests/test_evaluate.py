@@ -12,10 +12,12 @@ import math
 import pytest
 import torch
 
-from pte.adapters import METHODS, attach_adapter, save_adapter
 from pte.config import EVAL_METHODS, AdapterConfig, EvalConfig, PTEConfig, params_from_dict
-from pte.data import DataConfig, Row, format_prompt
-from pte.evaluate import (
+from pte.data.rows import DataConfig, Row, format_prompt
+from pte.engine.adapters import METHODS, attach_adapter, save_adapter
+from pte.engine.inference import Generator, encode_prompts
+from pte.engine.models import load_model
+from pte.pipeline.evaluate import (
     batch_seed,
     bootstrap_ci,
     evaluate_all,
@@ -25,8 +27,6 @@ from pte.evaluate import (
     plan_batches,
     summarize,
 )
-from pte.inference import Generator, encode_prompts
-from pte.models import load_model
 
 DATA = DataConfig(prompt_template="Q: {problem}\nA:")
 ROWS = [Row("t:0", "t", "What is 2+3?", "5"), Row("t:1", "t", "Compute 7*6.", "42"),
@@ -129,7 +129,7 @@ def test_plan_batches_and_seeds():
 
 
 def test_eval_config_yaml_and_validation():
-    assert EVAL_METHODS is METHODS  # one definition, pte.methods
+    assert EVAL_METHODS is METHODS  # one definition, pte.config.methods
     params = params_from_dict({"evaluate": {"methods": ["base", "pte"], "budgets": [None, 192, 128],
                                             "num_samples": 4, "pass_k": [1, 4]}})
     assert params.evaluate.budgets == (None, 192, 128)
@@ -172,7 +172,7 @@ def test_evaluate_policy_bounded_evicts_full_does_not(gen):
     assert bounded["over_budget"] == 0 and bounded["num_problems"] == len(ROWS)
     assert set(bounded) >= {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "pass@1", "pass@2", "peak_memory_bytes",
                             "process_peak_rss_bytes", "seconds"}
-    from pte.rewards import score
+    from pte.data.rewards import score
 
     assert all(r["correct"] == (score(r["completion"], r["answer"]) == 1.0) for r in recs)
 
@@ -191,7 +191,7 @@ def test_prompt_longer_than_budget_is_over_budget_not_wrong(gen, caplog):
     lengths = _prompt_lengths(gen, rows)
     budget = max(lengths[:-1]) + 4
     assert lengths[-1] >= budget
-    with caplog.at_level(logging.WARNING, logger="pte.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pte.pipeline.evaluate"):
         m, recs = evaluate_policy(gen, rows, budget, CFG, DATA, seed=0, progress=False)
     assert m["over_budget"] == 1 and m["over_budget_ids"] == ["t:long"]
     assert m["num_problems"] == len(ROWS) and "t:long" not in {r["id"] for r in recs}
@@ -249,3 +249,43 @@ def test_evaluate_all_rejects_bad_adapter_mapping(tmp_path):
     cfg = dataclasses.replace(CFG, methods=("lora",))
     with pytest.raises(ValueError, match="holds method 'pte'"):
         evaluate_all("random:llama-tiny", {"lora": adapter}, ROWS, cfg, DATA, tmp_path, seed=0, progress=False)
+
+
+def test_per_dataset_protocol_on_the_smoke_preset(tmp_path):
+    """``evaluate.protocols``: each source gets its own samples and pass@k, the budget's accuracy is their mean (the
+    paper's "Avg"), and nothing measured (time, memory) reaches metrics.json."""
+    import yaml
+
+    from pte.data.sources import load_source
+
+    raw = yaml.safe_load(open("presets/smoke.yaml"))
+    raw["data"]["eval"].append({"name": "var_chain", "size": 2, "seed": 5, "kwargs": {"steps": 5, "min_gap": 2,
+                                                                                      "min_depth": 2}})
+    raw["evaluate"].update(methods=["base"], budgets=[None], protocols={"var_chain": {"num_samples": 4,
+                                                                                         "pass_k": [1, 4]}})
+    params = params_from_dict(raw)
+    rows = [r for spec in params.data.eval for r in load_source(spec)]
+    cfg = dataclasses.replace(params.evaluate, max_new_tokens=8)
+    report = evaluate_all("random:llama-tiny", {"base": None}, rows, cfg, params.data, tmp_path, seed=0,
+                          progress=False)
+    full = report["base"]["full"]
+    chain, var = full["datasets"]["reasoning_gym:chain_sum"], full["datasets"]["var_chain"]
+    assert (chain["num_samples"], var["num_samples"]) == (3 * 2, 2 * 4)  # problems x that source's samples
+    assert "pass@4" in var and "pass@4" not in chain
+    assert full["accuracy"] == pytest.approx((chain["accuracy"] + var["accuracy"]) / 2)
+    assert full["num_problems"] == 5 and full["accuracy_ci_low"] is None
+    saved = (tmp_path / "metrics.json").read_text()
+    assert '"seconds"' not in saved and '"peak_memory_bytes"' not in saved
+    with pytest.raises(ValueError, match="not sources of `data.eval`"):
+        params_from_dict({**raw, "evaluate": {**raw["evaluate"], "protocols": {"aime24": {"num_samples": 16}}}})
+
+
+def test_the_paper_preset_evaluates_aime_at_pass_16_and_the_rest_at_pass_1_of_5():
+    from pte.config import load_params
+
+    ev = load_params("presets/paper.yaml").evaluate
+    assert (ev.num_samples, ev.pass_k) == (5, (1,))
+    for src in ("aime24", "aime25"):
+        assert ev.for_source(src).num_samples == 16 and 16 in ev.for_source(src).pass_k
+    for src in ("math500", "olympiadbench", "minerva_math", "amc23"):
+        assert (ev.for_source(src).num_samples, ev.for_source(src).pass_k) == (5, (1,))

@@ -4,7 +4,7 @@ Fast checks of the wiring helpers and of prefect.yaml; the flow end to end on th
 this repository (ephemeral Prefect server, MLflow in the clone; marked slow); and, against a real local
 ``prefect server``, ``prefect deploy --all`` of prefect.yaml run by a process worker, and a served deployment whose
 *scheduled* run completes. Every Prefect process gets its own PREFECT_HOME under tmp_path; process groups are
-stopped in the order stack.md asks (serve before server) and checked for leftovers.
+stopped serve before server (otherwise the serve process hangs on shutdown) and checked for leftovers.
 """
 
 from __future__ import annotations
@@ -347,6 +347,6 @@ def test_served_deployment_runs_on_its_schedule(server):
                     _tail(log_path.read_text())
                 time.sleep(2)
         finally:
-            # stack.md: stop the serve process before the server, or it hangs on shutdown
+            # stop the serve process before the server, or it hangs on shutdown
             _stop_group(serve, first=signal.SIGINT)
     assert "Finished in state Completed()" in log_path.read_text()

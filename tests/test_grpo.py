@@ -1,5 +1,5 @@
-"""Tests for ``pte.grpo``: advantages by hand, the loss against TRL 1.16's own ``GRPOTrainer._compute_loss``, and
-segment-wise / micro-batch accumulation and masking invariants."""
+"""Tests for ``pte.training.grpo``: advantages by hand, the loss against TRL 1.16's own ``GRPOTrainer._compute_loss``,
+and segment-wise / micro-batch accumulation and masking invariants."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from pte.grpo import (
+from pte.training.grpo import (
     GRPOLossConfig,
     GRPOStats,
     group_advantages,
@@ -349,3 +349,11 @@ def test_loss_config_comes_from_the_grpo_section_with_one_validation() -> None:
             GRPOLossConfig(**bad)
         assert str(from_yaml.value) == str(from_python.value)
         assert f"`grpo.{next(iter(bad))}`" in str(from_yaml.value)
+
+
+def test_grpo_delta_is_a_params_key_that_reaches_the_loss() -> None:
+    from pte.config import params_from_dict
+
+    assert GRPOLossConfig.from_config(params_from_dict({"grpo": {"delta": 1.5}}).grpo).delta == 1.5
+    with pytest.raises(ValueError, match="grpo.delta"):
+        params_from_dict({"grpo": {"delta": 1.1}})

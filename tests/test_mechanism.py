@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from pte.adapters import find_pte
-from pte.mechanism import MechanismConfig, build_model, recall_batch, run_mechanism, train_recall
+from pte.engine.adapters import find_pte
+from research.mechanism import MechanismConfig, build_model, recall_batch, run_mechanism, train_recall
 
 CFG = MechanismConfig(steps=100)
 
@@ -48,7 +48,7 @@ def test_lead_puts_random_symbols_before_the_first_key():
 
 
 def test_events_evict_the_configured_number_of_tokens():
-    from pte.mechanism import _plan
+    from research.mechanism import _plan
 
     assert _plan(CFG, "pte").evict == 1 and _plan(CFG, "lora").window is None
     assert _plan(dataclasses.replace(CFG, window=32, evict=8), "lora_c").evict == 8
@@ -96,7 +96,7 @@ def test_context_write_binds_a_value_to_its_key_mid_thought(one_thread, write):
     """The stored pair sits after 8 random symbols and before 16 more, so only its content (the key before the
     value) tells it apart: a context write that reaches the key (c = 2) recalls the value (measured 97.7% with the
     linear write, 99.2% at 300 x 16 rows with the softmax write), while the paper's per-token write (19.5%) and the
-    write gate (22.3%) stay near chance (docs/evaluation.md, fourth and fifth study sessions; at the first positions
+    write gate (22.3%) stay near chance (research/log.md, fourth and fifth study sessions; at the first positions
     of the thought both recall it by position alone)."""
     from pte.config import PTEConfig
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pte.models import load_model, save_hf
+from pte.engine.models import load_model, save_hf
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -48,11 +48,11 @@ def test_model_dtype_reaches_every_stage_that_loads_the_base(monkeypatch, tmp_pa
     """``model.dtype`` is honoured, not forced to float32; ``auto`` resolves per device (fp32 on the CPU)."""
     import torch
 
-    import pte.evaluate
-    import pte.registry
+    import pte.pipeline.evaluate
+    import pte.pipeline.registry
     from pte.config import params_from_dict
-    from pte.models import resolve_dtype
-    from pte.stages import stage_base_model, stage_evaluate, stage_register
+    from pte.engine.models import resolve_dtype
+    from pte.pipeline.stages import stage_base_model, stage_evaluate, stage_register
 
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
     params = params_from_dict({"model": {"dtype": "auto"}})
@@ -64,13 +64,13 @@ def test_model_dtype_reaches_every_stage_that_loads_the_base(monkeypatch, tmp_pa
         seen["base_model"] = dtype
         raise RuntimeError("stop")
 
-    monkeypatch.setattr("pte.models.load_model", fake_load)
+    monkeypatch.setattr("pte.engine.models.load_model", fake_load)
     with pytest.raises(RuntimeError, match="stop"):
         stage_base_model(params, tmp_path / "base")
-    monkeypatch.setattr(pte.evaluate, "evaluate_all", lambda *a, dtype, **kw: seen.update(evaluate=dtype) or
+    monkeypatch.setattr(pte.pipeline.evaluate, "evaluate_all", lambda *a, dtype, **kw: seen.update(evaluate=dtype) or
                         {"summary": {}})
     (tmp_path / "eval.jsonl").write_text("")
     stage_evaluate(params, None, tmp_path, tmp_path / "eval.jsonl", tmp_path)
-    monkeypatch.setattr(pte.registry, "register", lambda *a, dtype, **kw: seen.update(register=dtype) or {})
+    monkeypatch.setattr(pte.pipeline.registry, "register", lambda *a, dtype, **kw: seen.update(register=dtype) or {})
     stage_register(params, None, tmp_path, tmp_path / "metrics.json")
     assert seen == {"base_model": "auto", "evaluate": "auto", "register": "auto"}

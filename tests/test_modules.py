@@ -24,13 +24,18 @@ LONG_MODULES = {
 
 
 def _modules() -> dict[str, Path]:
-    return {"pte." + p.stem if p.stem != "__init__" else "pte": p for p in sorted(PKG.glob("*.py"))}
+    """``pte.a.b`` -> its file, for every module of the package (a package is its ``__init__.py``)."""
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
 
 
 def test_modules_stay_small():
     sizes = {p.name: len(p.read_text().splitlines()) for p in _modules().values()}
     too_long = {n: s for n, s in sizes.items() if s > MAX_LINES and n not in LONG_MODULES}
-    assert not too_long, f"modules over {MAX_LINES} lines: {too_long}; split them by concern (as pte/config.py was)"
+    assert not too_long, f"modules over {MAX_LINES} lines: {too_long}; split them by concern (as pte/config/ is)"
     stale = sorted(n for n in LONG_MODULES if sizes.get(n, 0) <= MAX_LINES)
     assert not stale, f"{stale} are now <= {MAX_LINES} lines; remove them from LONG_MODULES in {Path(__file__).name}"
 
@@ -54,8 +59,9 @@ def _module_level_imports(tree: ast.Module, name: str, modules: dict[str, Path])
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:  # relative to the package `pte`
-                base = "pte" + ("." + base if base else "")
+            if node.level:  # relative: resolve against the importing module's package
+                pkg = name.split(".")[: len(name.split(".")) - node.level + (modules[name].name == "__init__.py")]
+                base = ".".join(pkg + ([base] if base else []))
             out.add(base)
             out |= {f"{base}.{a.name}" for a in node.names}
     return {m for m in out if m in modules and m != name}
@@ -85,7 +91,7 @@ def test_module_level_imports_have_no_cycle():
 def _attribute_reads() -> set[str]:
     """Attribute names read anywhere in pte/ and flows/, except inside ``__post_init__`` (validation is no use)."""
     names: set[str] = set()
-    for path in [*PKG.glob("*.py"), *(ROOT / "flows").glob("*.py")]:
+    for path in [*PKG.rglob("*.py"), *(ROOT / "flows").glob("*.py")]:
         tree = ast.parse(path.read_text())
         skip = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__post_init__"
                 for n in ast.walk(f)}
@@ -107,20 +113,30 @@ def test_every_params_key_is_read_somewhere():
 
 
 def test_module_map_names_every_module():
-    """README.md's code map and the package docstring list every module of pte/ (and no module that is gone)."""
+    """README.md's layout tree and the package docstring list every module of pte/ (and no module that is gone)."""
     import re
 
     import pte
 
-    names = {p.stem for p in PKG.glob("*.py")} - {"__init__"}
+    paths = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if p.name != "__init__.py"}
+    paths.add("config/__init__.py")  # the one package whose __init__ holds code (Params, load_params)
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Code map"):]
+    section = readme[readme.index("## Layout"):]
     section = section[: section.index("\n## ", 1)]
-    in_readme = set(re.findall(r"`(\w+)\.py`", section))
-    in_doc = set(re.findall(r"``(\w+)``", pte.__doc__[pte.__doc__.index("Module map"):])) & (names | in_readme)
-    missing, gone = sorted(names - in_readme), sorted(in_readme - names)
-    assert not missing and not gone, f"README.md code map: missing {missing}, no longer in pte/: {gone}"
-    assert names <= in_doc, f"pte/__init__.py module map: missing {sorted(names - in_doc)}"
+    in_readme, folder = set(), None
+    for line in section.splitlines():
+        if m := re.match(r"  (\w+)/", line):
+            folder = m.group(1)
+        elif (m := re.match(r"    (\w+)\.py\b", line)) and folder:
+            in_readme.add(f"{folder}/{m.group(1)}.py")
+    doc = pte.__doc__[pte.__doc__.index("Layout"):]
+    in_doc = set()
+    for bullet in doc.split("\n* ")[1:]:
+        layer, _, mods = bullet.partition(":")
+        in_doc |= {f"{layer.strip('`').removeprefix('pte.')}/{m}.py" for m in re.findall(r"``(\w+)``", mods)}
+    missing, gone = sorted(paths - in_readme), sorted(in_readme - paths)
+    assert not missing and not gone, f"README.md layout: missing {missing}, no longer in pte/: {gone}"
+    assert paths - {"config/__init__.py"} <= in_doc, f"pte/__init__.py layout: missing {sorted(paths - in_doc)}"
 
 
 def test_docstrings_cite_the_docs_not_a_design_file():
@@ -131,3 +147,38 @@ def test_docstrings_cite_the_docs_not_a_design_file():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if word in line]
     assert not hits, f"{word} citations left: {hits}; point them at the docs/*.md section instead"
+
+
+def _texts() -> list[Path]:
+    """The files whose words a reader sees: package, tests, flows, bench, docs, presets, deployment READMEs."""
+    dirs = ("pte", "tests", "flows", "bench", "docs", "presets", "docker", "k8s")
+    return sorted([p for d in dirs for p in (ROOT / d).rglob("*") if p.is_file() and (
+        p.suffix in (".py", ".md", ".yaml") or p.name.startswith("Dockerfile")) and "__pycache__" not in p.parts]
+        + [ROOT / "README.md", ROOT / "params.yaml", ROOT / "research" / "README.md"])
+
+
+def test_every_cited_document_is_in_the_repository():
+    """A ``*.md`` that a docstring, comment or doc names exists in the repository (at that path, relative to the root
+    or to the citing file, or as a committed file of that name), so no citation points outside it."""
+    import re
+
+    names = {p.name for p in ROOT.rglob("*.md") if ".venv" not in str(p)}
+    missing = []
+    for path in _texts():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            for cited in re.findall(r"(?<![\w/.-])([\w./-]+\.md)\b", line):
+                if "://" in line[: line.find(cited)].rsplit(" ", 1)[-1]:
+                    continue  # part of a URL
+                if not ((ROOT / cited).exists() or (path.parent / cited).exists() or cited in names):
+                    missing.append(f"{path.relative_to(ROOT)}:{i} cites {cited}")
+    assert not missing, "citations of documents the repository does not hold:\n" + "\n".join(missing)
+
+
+def test_no_tracker_numbers():
+    """Docs and code speak of topics, not of tracker entries the repository does not ship."""
+    import re
+
+    rx = re.compile(r"\b[Ii]ssues? #?\d+|\b[Aa]cceptance \d+|(?<![\w&])#\d+\b")
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()[:80]}" for p in _texts()
+            for i, line in enumerate(p.read_text().splitlines(), 1) if rx.search(line)]
+    assert not hits, "tracker numbers left:\n" + "\n".join(hits)

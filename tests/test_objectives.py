@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pte.adapters import attach_adapter
-from pte.cache import CachePlan
 from pte.config import AdapterConfig, PTEConfig, params_from_dict
-from pte.objectives import (
+from pte.data.tasks import VarChainConfig, recall_spans, var_chain, worked_solution
+from pte.engine.adapters import attach_adapter
+from pte.engine.cache import CachePlan
+from pte.engine.replay import replay_chunks
+from pte.pipeline.tracking import read_metrics
+from pte.training.objectives import (
     FullCacheTeacher,
     completion_tokens,
     jsd_loss,
@@ -20,10 +23,7 @@ from pte.objectives import (
     sft_chunk,
     sft_weights,
 )
-from pte.replay import replay_chunks
-from pte.tasks import VarChainConfig, recall_spans, var_chain, worked_solution
-from pte.tracking import read_metrics
-from pte.train import Trainer, train
+from pte.training.train import Trainer, train
 from tests.conftest import batch, tiny
 
 ROWS = [var_chain(VarChainConfig(steps=5, min_gap=2, min_depth=2), 0, i) for i in range(8)]
@@ -87,8 +87,8 @@ def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypa
     ``sft_recall_steps``."""
     import transformers
 
-    import pte.train as pt
-    from pte.config_training import learning_rate, recall_weight
+    import pte.training.train as pt
+    from pte.config.training import learning_rate, recall_weight
 
     cfg = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft_recall_steps=2, sft_recall_weight=50.0).train
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
@@ -216,8 +216,8 @@ def test_grpo_starts_from_an_sft_adapter(tmp_path, one_thread):
 
 def test_k3_is_an_unbiased_estimate_of_the_exact_kl():
     """E_{y ~ p}[k3(y)] = KL(p || q): the exact term is what GRPO's k3 KL estimates, per position."""
-    from pte.grpo import per_token_kl
-    from pte.objectives import token_kl
+    from pte.training.grpo import per_token_kl
+    from pte.training.objectives import token_kl
 
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(1, 3, 7, generator=g), torch.randn(1, 3, 7, generator=g)
@@ -229,7 +229,7 @@ def test_k3_is_an_unbiased_estimate_of_the_exact_kl():
 
 
 def test_exact_kl_replaces_k3_in_the_token_objective():
-    from pte.grpo import GRPOLossConfig, per_token_objective
+    from pte.training.grpo import GRPOLossConfig, per_token_objective
 
     g = torch.Generator().manual_seed(2)
     lp, old, ref = (torch.randn(2, 4, generator=g) * 0.1 - 1 for _ in range(3))

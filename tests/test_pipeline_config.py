@@ -49,7 +49,8 @@ def test_every_stage_code_dependency_exists():
 # -- code dependencies: every module a stage runs is a dep ----------------------------------------------------------
 
 PACKAGE = ROOT / "pte"
-DISPATCH = {"pte.cli": ("main",), "pte.stages": ("_cmd",)}  # `pte <command>` -> cli.main -> stages._cmd -> stage_*
+# `pte <command>` -> cli.main -> stages._cmd -> stage_*
+DISPATCH = {"pte.pipeline.cli": ("main",), "pte.pipeline.stages": ("_cmd",)}
 _LOADERS = {"find_spec", "import_module"}  # importlib calls whose literal "pte.x" argument runs that module
 
 
@@ -105,16 +106,17 @@ def _functions(tree: ast.Module, names: tuple[str, ...]) -> list[ast.AST]:
 
 
 def stage_modules(command: str) -> set[Path]:
-    """The package files that ``pte <command>`` runs: the dispatch path (module-level imports of ``pte.cli`` and
-    ``pte.stages``, ``main``, ``_cmd`` and the stage's ``stage_<command>`` function), then everything those modules
-    import, transitively, including imports inside functions (which of them run is not known statically)."""
+    """The package files that ``pte <command>`` runs: the dispatch path (module-level imports of ``pte.pipeline.cli``
+    and ``pte.pipeline.stages``, ``main``, ``_cmd`` and the stage's ``stage_<command>`` function), then everything those
+    modules import, transitively, including imports inside functions (which of them run is not known statically)."""
     stage_fn = "stage_" + command.replace("-", "_")
-    assert _functions(_tree("pte.stages"), (stage_fn,)), f"pte/stages.py has no {stage_fn} for `pte {command}`"
+    assert _functions(_tree("pte.pipeline.stages"), (stage_fn,)), \
+        f"pte/pipeline/stages.py has no {stage_fn} for `pte {command}`"
     todo: set[str] = set(DISPATCH)
     for module, fns in DISPATCH.items():
         tree = _tree(module)
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        for node in top + _functions(tree, fns + ((stage_fn,) if module == "pte.stages" else ())):
+        for node in top + _functions(tree, fns + ((stage_fn,) if module == "pte.pipeline.stages" else ())):
             todo |= _imported(node, module, False)
     seen: set[str] = set(DISPATCH)
     todo = _with_parents(todo) - seen
@@ -140,10 +142,12 @@ def _stage_commands() -> dict[str, tuple[str, list[str]]]:
 def test_import_graph_follows_lazy_and_relative_imports():
     mods = {p.as_posix() for p in stage_modules("register")}
     # registry imports tracking and data at module level, inference inside a method, and finds registry_model by name
-    assert {"pte/__init__.py", "pte/cli.py", "pte/stages.py", "pte/registry.py", "pte/tracking.py", "pte/data.py",
-            "pte/inference.py", "pte/registry_model.py", "pte/config.py"} <= mods
-    assert "pte/train.py" not in mods and "pte/evaluate.py" not in mods  # other stages' functions are not followed
-    assert "pte/grpo.py" in {p.as_posix() for p in stage_modules("train")}
+    assert {"pte/__init__.py", "pte/pipeline/cli.py", "pte/pipeline/stages.py", "pte/pipeline/registry.py",
+            "pte/pipeline/tracking.py", "pte/data/rows.py",
+            "pte/engine/inference.py", "pte/pipeline/registry_model.py", "pte/config/__init__.py"} <= mods
+    # other stages' functions are not followed
+    assert "pte/training/train.py" not in mods and "pte/pipeline/evaluate.py" not in mods
+    assert "pte/training/grpo.py" in {p.as_posix() for p in stage_modules("train")}
 
 
 @pytest.mark.parametrize("stage", sorted(_stage_commands()))

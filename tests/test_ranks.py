@@ -20,11 +20,11 @@ import pytest
 import torch
 from conftest import batch, tiny
 
-from pte.adapters import attach_adapter
 from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
-from pte.grpo import GRPOLossConfig, per_token_objective, token_weights
-from pte.replay import replay_chunks, replay_logprobs
-from pte.rollout import generate, pad_rollout
+from pte.engine.adapters import attach_adapter
+from pte.engine.replay import replay_chunks, replay_logprobs
+from pte.engine.rollout import generate, pad_rollout
+from pte.training.grpo import GRPOLossConfig, per_token_objective, token_weights
 
 
 def _pte_model():
@@ -138,8 +138,8 @@ import functools, json, os, sys
 from pathlib import Path
 import torch
 torch.optim.AdamW.__init__ = functools.partialmethod(torch.optim.AdamW.__init__, eps=1e-3)  # see test_train.ADAMW_EPS
-import pte.runtime
-import pte.train as train_mod
+import pte.training.runtime
+import pte.training.train as train_mod
 from pte.config import params_from_dict
 
 root, early = Path(sys.argv[1]), int(sys.argv[2])
@@ -185,8 +185,8 @@ def run(stage):
 
 for stage in map(int, sys.argv[3].split(",")):  # one process pair for all stages: start-up is most of the time
     run(stage)
-# as `pte train` does (pte.stages.stage_train): exiting with the gloo group alive can abort a rank at shutdown
-pte.runtime.shutdown_distributed()
+# as `pte train` does (pte.pipeline.stages.stage_train): exiting with the gloo group alive can abort a rank at shutdown
+pte.training.runtime.shutdown_distributed()
 '''
 
 
@@ -235,7 +235,7 @@ def _two_ranks(tmp: Path, stages: tuple[int, ...], early: int, timeout: float = 
 def test_a_rank_whose_rows_all_end_early_keeps_step_under_zero_2_and_3(tmp_path):
     from safetensors.torch import load_file
 
-    from pte.tracking import read_metrics
+    from pte.pipeline.tracking import read_metrics
 
     weights = {}
     for stage, (early, late) in _two_ranks(tmp_path, (2, 3), early=0).items():

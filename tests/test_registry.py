@@ -21,8 +21,8 @@ from pte.config import (
     SamplingConfig,
     TrackingConfig,
 )
-from pte.data import DataConfig, format_prompt
-from pte.registry import CHALLENGER, CHAMPION, load_champion, register, select_metric
+from pte.data.rows import DataConfig, format_prompt
+from pte.pipeline.registry import CHALLENGER, CHAMPION, load_champion, register, select_metric
 
 CACHE = CacheConfig(window=8, evict_ratio=0.25)
 SAMPLING = SamplingConfig(max_new_tokens=24, temperature=0.0)
@@ -40,8 +40,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> tuple[Path, Path]:
     """(base HF directory, fresh PTE adapter directory)."""
-    from pte.adapters import attach_adapter, save_adapter
-    from pte.models import load_model, save_hf
+    from pte.engine.adapters import attach_adapter, save_adapter
+    from pte.engine.models import load_model, save_hf
 
     root = tmp_path_factory.mktemp("policy")
     model, tok = load_model("random:llama-tiny")
@@ -94,7 +94,7 @@ def test_champion_challenger_and_bounded_predictor(policy, tracking, monkeypatch
     import pandas as pd
     from mlflow import MlflowClient
 
-    from pte.inference import Generator, encode_prompts
+    from pte.engine.inference import Generator, encode_prompts
 
     base, adapter = policy
     cfg = RegistryConfig(model_name="pte-tiny", budget="min")
@@ -135,7 +135,7 @@ def test_champion_challenger_and_bounded_predictor(policy, tracking, monkeypatch
 def _artifact_files(tracking: TrackingConfig, model_uri: str, dst: Path) -> dict[str, Path]:
     import mlflow
 
-    from pte.registry import _scoped_uri
+    from pte.pipeline.registry import _scoped_uri
 
     with _scoped_uri(tracking.tracking_uri):
         root = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
@@ -146,7 +146,7 @@ def test_model_from_code_carries_its_training_prompt(policy, tracking, tmp_path)
     """No pickle in the logged model; a bare problem is phrased exactly as the train stage phrases it; raw skips it."""
     import yaml
 
-    from pte.inference import Generator, encode_prompts
+    from pte.engine.inference import Generator, encode_prompts
 
     base, adapter = policy
     data = DataConfig(prompt_template="Q: {problem}\nThink, then answer in \\boxed{}.", system_prompt="Be terse.")
@@ -186,7 +186,7 @@ def test_model_from_code_carries_its_training_prompt(policy, tracking, tmp_path)
 def test_base_model_by_reference_into_the_training_run(policy, tracking, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from pte.tracking import make_tracker
+    from pte.pipeline.tracking import make_tracker
 
     _, adapter = policy
     train = make_tracker(tracking, "train-pte", tmp_path)

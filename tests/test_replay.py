@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import batch, tiny
 
-from pte.adapters import attach_adapter
 from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
-from pte.replay import replay_logprobs, segment_bounds
-from pte.rollout import generate
+from pte.engine.adapters import attach_adapter
+from pte.engine.replay import replay_logprobs, segment_bounds
+from pte.engine.rollout import generate
 
 
 def _policy(method, family="llama-tiny", **pte_kw):
@@ -32,7 +32,7 @@ def _rollout(model, tok, window=10, ratio=0.3, n=40, temperature=1.0):
 
 
 def test_segment_bounds_follow_the_event_schedule():
-    from pte.cache import CachePlan
+    from pte.engine.cache import CachePlan
 
     assert segment_bounds(CachePlan(5, 4, 1), 8) == [(0, 4), (4, 5), (5, 6), (6, 7)]
     assert segment_bounds(CachePlan(5, None, 0), 8) == [(0, 7)]
@@ -232,7 +232,7 @@ def test_full_cache_replay_equals_rollout_and_checkpointing_changes_nothing(fami
     """``lora``: one cache-free forward gives the rollout's log-probs. HF activation checkpointing (plus the LM head
     over chunks of positions) really recomputes in backward, saves no vocabulary-sized tensor, and leaves log-probs,
     gradients and the modules' train/eval modes as they were."""
-    import pte.replay as replay_mod
+    import pte.engine.replay as replay_mod
 
     monkeypatch.setattr(replay_mod, "HEAD_CHUNK", 7)  # several head chunks, the last one partial
     model, tok = _policy("lora", family)

@@ -1,4 +1,4 @@
-"""Tests for pte.rewards: extraction, equivalence, time bounds under adversarial input, threads, no code execution.
+"""Tests for pte.data.rewards: extraction, equivalence, time bounds under adversarial input, threads, no code execution.
 
 Every expected value in the tables was checked by hand (and against math_verify 0.9.0's actual behaviour where the
 answer is a matter of convention: such rows carry a "math_verify:" note).
@@ -21,8 +21,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pte import rewards  # noqa: E402
-from pte.rewards import extract_answer, is_equivalent, reward_fn, score  # noqa: E402
+from pte.data import rewards  # noqa: E402
+from pte.data.rewards import extract_answer, is_equivalent, reward_fn, score  # noqa: E402
 
 TIMEOUT_S = 2.0
 MARGIN_S = 1.0  # for pipes and scheduling; start-up of a worker is excluded by the warm pool

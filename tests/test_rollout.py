@@ -9,11 +9,11 @@ import torch
 from conftest import FAMILIES, PROMPTS, batch, tiny
 from reference import eviction_schedule, naive_logits
 
-import pte.rollout as rollout_mod
-from pte.adapters import attach_adapter
-from pte.cache import event_steps, plan_cache
+import pte.engine.rollout as rollout_mod
 from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
-from pte.rollout import generate
+from pte.engine.adapters import attach_adapter
+from pte.engine.cache import event_steps, plan_cache
+from pte.engine.rollout import generate
 
 GREEDY = SamplingConfig(max_new_tokens=40, temperature=0.0)
 
@@ -172,7 +172,7 @@ def test_prompt_longer_than_context_is_a_clear_error():
 def test_sampling_candidates_are_what_hf_logits_warpers_keep(temperature, top_p, top_k):
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from pte.rollout import NUCLEUS_CANDIDATES, sampling_candidates
+    from pte.engine.rollout import NUCLEUS_CANDIDATES, sampling_candidates
 
     scaled = torch.randn(16, 4096, generator=torch.Generator().manual_seed(0)) * 3 / temperature
     ref = scaled
@@ -194,7 +194,7 @@ def test_sampling_draws_from_the_filtered_distribution():
     from transformers.generation.logits_process import TopPLogitsWarper
 
     from pte.config import SamplingConfig
-    from pte.rollout import sample_tokens
+    from pte.engine.rollout import sample_tokens
 
     logits = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0] + [-4.0] * 300])
     cfg = SamplingConfig(max_new_tokens=1, temperature=0.7, top_p=0.9)
@@ -209,7 +209,7 @@ def test_full_vocabulary_sampling_has_the_softmax_distribution():
     """top_k 0 and top_p 1: one uniform per row through the inverse CDF draws from ``softmax(logits / T)`` over the
     whole vocabulary (40k draws: every frequency within 0.01 of its probability, a zero-probability token never)."""
     from pte.config import SamplingConfig
-    from pte.rollout import sample_tokens
+    from pte.engine.rollout import sample_tokens
 
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -0.5, float("-inf")] + [-2.0] * 200])
     cfg = SamplingConfig(max_new_tokens=1, temperature=0.8)
@@ -229,7 +229,7 @@ def test_full_vocabulary_sampling_has_the_softmax_distribution():
 
 
 def test_inverse_cdf_edges():
-    from pte.rollout import inverse_cdf
+    from pte.engine.rollout import inverse_cdf
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
     u = torch.tensor([0.0, 0.4999, 0.5, 1 - 2**-53], dtype=torch.float64)
@@ -237,7 +237,7 @@ def test_inverse_cdf_edges():
 
 
 def test_shared_prompts_finds_runs_of_identical_rows():
-    from pte.rollout import shared_prompts
+    from pte.engine.rollout import shared_prompts
 
     ids = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 5, 6], [0, 5, 6]])
     mask = (ids != 0).long()
@@ -281,8 +281,8 @@ def test_shared_prefill_gives_the_unshared_tokens_and_logprobs(method, monkeypat
 def test_static_cache_equals_the_dynamic_cache_through_eviction_events(family):
     """Slot by slot: the in-place buffers hold what the DynamicCache holds, evict the same K/V and positions, give
     the same logits at every step (padded batch, several events), and are never reallocated."""
-    from pte.cache import BoundedCache, CachePlan
-    from pte.rollout import model_forward
+    from pte.engine.cache import BoundedCache, CachePlan
+    from pte.engine.rollout import model_forward
 
     model, tok = tiny(family)
     ids, am = batch(tok)

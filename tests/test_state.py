@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import batch, tiny
 
-from pte.adapters import PTEAdapter, attach_adapter, find_pte
 from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
-from pte.rollout import generate
-from pte.state import event_state, flatten_heads, global_state, normalize_rows, unrotate_keys
+from pte.engine.adapters import PTEAdapter, attach_adapter, find_pte
+from pte.engine.rollout import generate
+from pte.engine.state import event_state, flatten_heads, global_state, normalize_rows, unrotate_keys
 
 
 @pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
@@ -121,7 +121,7 @@ def test_state_after_k_events_equals_direct_computation(monkeypatch, family, wri
 
 
 def test_context_mix_event_by_event_equals_one_convolution_of_the_evicted_sequence():
-    from pte.state import context_carry, context_mix
+    from pte.engine.state import context_carry, context_mix
 
     gen = torch.Generator().manual_seed(0)
     seq = torch.randn(2, 3, 11, 5, generator=gen)  # [L, B, T, d]: every evicted token, oldest first
@@ -148,7 +148,7 @@ def test_context_write_settings_are_validated():
 
 
 def test_softmax_pool_event_by_event_equals_one_softmax_over_the_kept_tokens():
-    from pte.state import merge_pools, pool_event, pooled
+    from pte.engine.state import merge_pools, pool_event, pooled
 
     gen = torch.Generator().manual_seed(0)
     qa = torch.randn(2, 3, 4, generator=gen) * 30  # [L, G, r]; large scores: the running max must keep exp finite

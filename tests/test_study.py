@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pte.study import _parse_sets, main
+from research.study import _parse_sets, main
 
 
 def test_mechanism_study_records_a_run_per_method(tmp_path, monkeypatch, one_thread):
@@ -40,9 +40,9 @@ def test_bad_override_is_a_clear_error():
 def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread):
     """The probe trains from a base, then reports teacher-forced recall, and greedy answers per budget (none: skip)."""
     from pte.config import params_from_dict
-    from pte.data import Row
-    from pte.study import varchain_probe
-    from pte.tasks import VarChainConfig, var_chain
+    from pte.data.rows import Row
+    from pte.data.tasks import VarChainConfig, var_chain
+    from research.study import varchain_probe
 
     rows = [Row(id=f"v{i}", problem=p, answer=a, source="var_chain")
             for i, (p, a) in enumerate(var_chain(VarChainConfig(steps=5, min_gap=2, min_depth=2), 0, i)

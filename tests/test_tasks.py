@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from pte.rewards import score
-from pte.sources import SourceSpec, load_source
-from pte.tasks import VarChainConfig, evaluate_program, var_chain, worked_solution
+from pte.data.rewards import score
+from pte.data.sources import SourceSpec, load_source
+from pte.data.tasks import VarChainConfig, evaluate_program, var_chain, worked_solution
 
 
 def _run_python(problem: str) -> dict[str, int]:
@@ -107,7 +107,7 @@ def test_var_chain_source_and_settings_errors():
 
 
 def test_recall_metric_finds_the_recalled_value_and_scores_completions():
-    from pte.tasks import recall_score, recall_spans, recalls
+    from pte.data.tasks import recall_score, recall_spans, recalls
 
     problem, answer = var_chain(VarChainConfig(), 0, 3)
     solution = worked_solution("var_chain", problem)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 
 from pte.config import params_from_dict
-from pte.data import chat_messages, format_prompt, prompt_messages
-from pte.inference import decode_completion, encode_prompts
-from pte.models import byte_tokenizer
+from pte.data.rows import chat_messages, format_prompt, prompt_messages
+from pte.engine.inference import decode_completion, encode_prompts
+from pte.engine.models import byte_tokenizer
 
 
 def test_encode_prompts_templates_the_messages_of_chat_messages():
@@ -32,7 +32,7 @@ def test_decode_completion_drops_only_a_trailing_eos():
 
 
 def test_training_reward_is_the_rewards_module_reward_fn():
-    from pte.rewards import reward_fn, reward_function
+    from pte.data.rewards import reward_fn, reward_function
 
     fn = reward_function(params_from_dict({"grpo": {"allow_last_number": True}}).grpo)
     assert isinstance(fn, functools.partial) and fn.func is reward_fn and fn.keywords == {"allow_last_number": True}

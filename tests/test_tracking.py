@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pte.config import RegistryConfig, TrackingConfig, params_from_dict
-from pte.tracking import (
+from pte.pipeline.tracking import (
     JsonlTracker,
     MlflowTracker,
     MultiTracker,
@@ -151,7 +151,7 @@ def test_mlflow_error_mid_run_disables_mlflow_not_training(store, tmp_path, capl
         raise RuntimeError("database is locked")
 
     remote.client.log_batch = broken
-    with caplog.at_level(logging.WARNING, logger="pte.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pte.pipeline.tracking"):
         for step in range(4):
             tracker.log_metrics({"loss": float(step)}, step)
         tracker.log_params({"a": 1})
@@ -172,7 +172,7 @@ def test_failed_run_status(store):
 
 def test_unreachable_server_falls_back_fast(tmp_path, caplog):
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pte.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pte.pipeline.tracking"):
         tracker = make_tracker(TrackingConfig(tracking_uri=DEAD), "train-pte", tmp_path)
     assert time.monotonic() - t0 < 10
     assert isinstance(tracker, JsonlTracker)
@@ -207,14 +207,14 @@ def _offline_run(out: Path, steps: int = 3) -> Path:
 
 
 def _synced_runs(cfg: TrackingConfig) -> list:
-    from pte.tracking import SYNC_TAG
+    from pte.pipeline.tracking import SYNC_TAG
 
     exp = _client(cfg).get_experiment_by_name(cfg.experiment)
     return [r for r in _client(cfg).search_runs([exp.experiment_id]) if SYNC_TAG in r.data.tags]
 
 
 def test_jsonl_file_describes_the_run(tmp_path):
-    from pte.tracking import read_run
+    from pte.pipeline.tracking import read_run
 
     out = _offline_run(tmp_path)
     params, tags, rows = read_run(out / "metrics.jsonl")
@@ -229,7 +229,7 @@ def test_jsonl_file_describes_the_run(tmp_path):
 
 
 def test_sync_replays_an_offline_run_once(store, tmp_path):
-    from pte.tracking import SYNC_TAG, sync_run
+    from pte.pipeline.tracking import SYNC_TAG, sync_run
 
     out = _offline_run(tmp_path / "models" / "pte")
     first = sync_run(out, store)
@@ -257,7 +257,7 @@ def test_sync_replays_an_offline_run_once(store, tmp_path):
 
 
 def test_sync_command(store, tmp_path, monkeypatch, capsys):
-    from pte.cli import main
+    from pte.pipeline.cli import main
 
     out = _offline_run(tmp_path / "run")
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the tracking defaults plus the overrides

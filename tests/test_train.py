@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pte.config import params_from_dict
-from pte.tracking import read_metrics
-from pte.train import ReplayMismatchError, Trainer, TrainingDivergedError, select_rows, train
+from pte.pipeline.tracking import read_metrics
+from pte.training.train import ReplayMismatchError, Trainer, TrainingDivergedError, select_rows, train
 
 PROMPTS = ["Write lowercase letters.", "Only letters please:", "abc", "Letters!"]
 ANSWERS = ["abcdefghijklmnopqrstuvwxyz"] * len(PROMPTS)  # char_match: fraction of generated letters
@@ -80,7 +80,7 @@ def test_gradient_checkpointing_trains_lora_the_same_and_leaves_bounded_methods_
 @pytest.mark.parametrize("method", ["lora", "lora_c", "pte", "pte_global_only", "pte_no_global"])
 def test_every_method_trains_in_bf16_with_the_replay_check_on(tmp_path, method):
     """DeepSpeed's bf16 mode casts the whole model, the thought encoder included; the state math stays fp32."""
-    from pte.adapters import find_pte
+    from pte.engine.adapters import find_pte
 
     trainer = Trainer(smoke(steps=2, precision="bf16", device="cpu"), method, PROMPTS, ANSWERS, tmp_path)
     assert trainer.replay_tolerance() == ("replay_tolerance_bf16", trainer.params.train.replay_tolerance_bf16)
@@ -211,7 +211,7 @@ def _setup(tmp: Path, steps: int, stage: int = 0) -> Path:
 
 
 def _pte(*args) -> list[str]:
-    return [sys.executable, "-m", "pte.cli", *args]
+    return [sys.executable, "-m", "pte.pipeline.cli", *args]
 
 
 def _clean_env() -> dict[str, str]:
@@ -291,7 +291,7 @@ def _two_procs(tmp: Path, stage: int) -> tuple[list[float], dict[str, torch.Tens
     env = {**_clean_env(), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp / "site"), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29600 + stage),
-           "-m", "pte.cli", "train", "--method", "pte", "--out", "out"]
+           "-m", "pte.pipeline.cli", "train", "--method", "pte", "--out", "out"]
     res = subprocess.run(cmd, cwd=run, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     losses = [r["loss"] for r in read_metrics(run / "out" / "metrics.jsonl")]

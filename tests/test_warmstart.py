@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pte.config import WarmstartConfig, params_from_dict
-from pte.data import DataConfig, Row, chat_messages, data_config_from_dict
-from pte.sources import SourceSpec, load_source
-from pte.warmstart import DISABLED_MARKER, resolve_base, sft_examples, warmstart, write_disabled
+from pte.data.rows import DataConfig, Row, chat_messages, data_config_from_dict
+from pte.data.sources import SourceSpec, load_source
+from pte.training.warmstart import DISABLED_MARKER, resolve_base, sft_examples, warmstart, write_disabled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +37,7 @@ def test_sft_examples_use_the_pipeline_prompt_and_a_boxed_solution():
 
 
 def test_warmstart_learns_and_is_deterministic(tmp_path):
-    from pte.models import load_model
+    from pte.engine.models import load_model
 
     cfg = WarmstartConfig(enabled=True, epochs=6, lr=1e-2, batch_size=4, warmup=0.0, max_length=256)
     result = warmstart("random:llama-tiny", ROWS, cfg, DATA, tmp_path / "a", seed=0, progress=False)

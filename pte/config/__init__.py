@@ -6,9 +6,9 @@ range raise ``ValueError`` naming the key, the value and what is allowed. Derive
 methods, never extra YAML keys.
 
 The sections live with their concern and this module assembles them (docs/pipeline.md, "Configuration"):
-``pte.config_engine`` (model, cache, adapter, pte), ``pte.config_training`` (grpo, train, warmstart),
-``pte.config_pipeline`` (evaluate, tracking, registry) and ``pte.data`` (data); the parsing helpers are
-``pte.schema``. Every name stays importable from here. No module of them imports this one, so there is no
+``pte.config.engine`` (model, cache, adapter, pte), ``pte.config.training`` (grpo, train, warmstart),
+``pte.config.pipeline`` (evaluate, tracking, registry) and ``pte.data.rows`` (data); the parsing helpers are
+``pte.config.schema``. Every name stays importable from here. No module of them imports this one, so there is no
 import cycle.
 
 This module knows nothing about models, tensors or the pipeline stages that consume it.
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pte.config_engine import AdapterConfig, CacheConfig, ModelConfig, PTEConfig, SamplingConfig
-from pte.config_pipeline import EvalConfig, RegistryConfig, TrackingConfig
-from pte.config_training import LOSS_TYPES, GRPOConfig, TrainConfig, WarmstartConfig, check_loss_settings
-from pte.data import DataConfig
-from pte.methods import METHODS
-from pte.schema import plain, section_from_dict
+from pte.config.engine import AdapterConfig, CacheConfig, ModelConfig, PTEConfig, SamplingConfig
+from pte.config.methods import METHODS
+from pte.config.pipeline import EvalConfig, RegistryConfig, TrackingConfig
+from pte.config.schema import plain, section_from_dict
+from pte.config.training import LOSS_TYPES, GRPOConfig, TrainConfig, WarmstartConfig, check_loss_settings
+from pte.data.rows import DataConfig
 
 __all__ = [
     "EVAL_METHODS",
@@ -62,7 +62,7 @@ class BaseConfig:
 
 
 EVAL_METHODS = METHODS
-"""The same tuple as ``pte.methods.METHODS`` (kept under this name for existing imports)."""
+"""The same tuple as ``pte.config.methods.METHODS`` (kept under this name for existing imports)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,12 @@ class Params:
         if self.warmstart.enabled and not self.data.warmstart:
             raise ValueError("params: `warmstart.enabled` is true but `data.warmstart` lists no source; add one, e.g. "
                              "{name: var_chain, size: 256, seed: 7}, or set warmstart.enabled: false.")
+        unknown = sorted(set(self.evaluate.protocols) - {s.name for s in self.data.eval})
+        if unknown:
+            raise ValueError(f"params: `evaluate.protocols` names {unknown}, which are not sources of `data.eval` "
+                             f"({[s.name for s in self.data.eval]}); use those names.")
+        for method in {*self.train.methods, *self.evaluate.methods}:
+            self.pte.for_method(method)  # a contradictory ablation fails here, before anything runs
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (tuples become lists), for logging and checkpoints."""

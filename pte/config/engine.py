@@ -5,11 +5,12 @@ Part of the configuration that ``pte.config`` assembles (docs/pipeline.md, "Conf
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pte.schema import check_range, fail
+from pte.config.schema import check_range, fail
 
 __all__ = ["AdapterConfig", "CacheConfig", "ModelConfig", "PTEConfig", "SamplingConfig"]
 
@@ -23,8 +24,8 @@ class ModelConfig:
     installed package, located without importing it), or ``random:<preset>`` (random weights from a built-in
     architecture, for tests and memory benchmarks)."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights and activations dtype of the base model (``pte.models.resolve_dtype``; ``auto`` = bfloat16 on CUDA,
-    float32 on CPU) in the base-model stage, the evaluation, the registered predictor and bf16 training. fp32
+    """Weights and activations dtype of the base model (``pte.engine.models.resolve_dtype``; ``auto`` = bfloat16 on
+    CUDA, float32 on CPU) in the base-model stage, the evaluation, the registered predictor and bf16 training. fp32
     training (``train.precision``) and the warm start (full fine-tuning, bf16 autocast on CUDA) keep fp32 weights."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel of the HF model."""
@@ -144,8 +145,8 @@ class PTEConfig:
     """Epsilon of the row-wise L2 normalisation."""
     write_gate: bool = False
     """Not the paper: a learned per-token write gate ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)`` scales each evicted
-    token's term in the event state, so the state can store the few tokens that matter instead of every token
-    equally (docs/method.md, "Write gate")."""
+    token's term in the event state, so the state can store the few tokens that matter instead of every token equally
+    (docs/method.md, "Write gate")."""
     gate_horizon: int = 16
     """With ``write_gate``: the replay recomputes the gates of the last ``gate_horizon`` events with gradient and folds
     older events in detached (truncated backpropagation; the replay keeps that many events' K/V, a bounded cost)."""
@@ -167,8 +168,8 @@ class PTEConfig:
     """``linear``: the paper's adapter ``A (S (B x))``. ``softmax`` (not the paper): ``A softmax(S (B x))`` over the G
     rows of S, a selective read in which the best-matching row answers instead of a linear mix of all
     (docs/method.md, "Selective read"). ``gated`` (not the paper): ``sigmoid(u . x + b) A (S (B x))``, a learned
-    per-token gate per adapted linear, so the tokens that do not need the memory can stop reading it
-    (docs/method.md, "Read gate")."""
+    per-token gate per adapted linear, so the tokens that do not need the memory can stop reading it (docs/method.md,
+    "Read gate")."""
 
     def __post_init__(self) -> None:
         check_range("pte.global_tokens", self.global_tokens, 1)
@@ -187,6 +188,26 @@ class PTEConfig:
         if self.read not in ("linear", "softmax", "gated"):
             raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax, gated.")
         check_range("pte.eps", self.eps, 0.0, lo_open=True)
+        if not (self.event_updates or self.use_global_state):
+            raise ValueError("pte.event_updates: false with pte.use_global_state: false leaves S = Normalize(0) = 0, "
+                             "an adapter that adds nothing; keep one of them true.")
+
+    def for_method(self, method: str) -> PTEConfig:
+        """The settings a PTE ``method`` runs with: the ablations switch off event updates (``pte_global_only``) or
+        the global state (``pte_no_global``) on top of these.
+
+        Raises:
+            ValueError: the method's ablation leaves an inert adapter under these settings (one line, with the fix).
+        """
+        if method == "pte_global_only":
+            if not self.use_global_state:
+                raise ValueError("method 'pte_global_only' with pte.use_global_state: false is an inert adapter "
+                                 "(S = Normalize(0) = 0); set pte.use_global_state: true to run the Global-Only "
+                                 "ablation.")
+            return dataclasses.replace(self, event_updates=False)
+        if method == "pte_no_global":
+            return dataclasses.replace(self, use_global_state=False)
+        return self
 
 
 @dataclass(frozen=True)

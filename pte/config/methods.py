@@ -1,5 +1,5 @@
 """The method names, in one place that imports nothing: the config validates ``evaluate.methods`` and
-``train.methods`` against them without pulling in torch, and ``pte.adapters`` attaches one of them.
+``train.methods`` against them without pulling in torch, and ``pte.engine.adapters`` attaches one of them.
 
 ``base`` is the model without an adapter; ``lora`` a LoRA trained with the full cache, ``lora_c`` one trained under the
 bounded cache; ``pte`` the thought encoder, with its ablations ``pte_global_only`` (no event updates) and

@@ -5,15 +5,17 @@ Part of the configuration that ``pte.config`` assembles (docs/pipeline.md, "Conf
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pte.config_engine import CacheConfig, SamplingConfig
-from pte.methods import METHODS
-from pte.schema import check_range, fail
+from pte.config.engine import CacheConfig, SamplingConfig
+from pte.config.methods import METHODS
+from pte.config.schema import check_range, fail
 
 __all__ = ["EvalConfig", "RegistryConfig", "TrackingConfig"]
 
@@ -26,7 +28,7 @@ class EvalConfig:
     """
 
     methods: tuple[str, ...] = ("base", "lora", "lora_c", "pte")
-    """Methods to evaluate (names of ``pte.methods.METHODS``); ``base`` is the model without an adapter."""
+    """Methods to evaluate (names of ``pte.config.methods.METHODS``); ``base`` is the model without an adapter."""
     budgets: tuple[int | None, ...] = (None, 192, 128)
     """Total cache slots C = prompt block P + thinking window W (W = C - P per batch); null = full cache."""
     num_samples: int = 4
@@ -58,6 +60,11 @@ class EvalConfig:
     long_response_tokens: int | None = None
     """Length from which a response counts as long in the length histogram (null = ceil(0.2 * max_new_tokens),
     about the paper's 600 of 3096 in Fig. 6)."""
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    """Per-dataset protocol: a ``data.eval`` source name -> its own ``num_samples`` and ``pass_k`` (the paper: pass@1
+    over 5 samples on MATH-500, OlympiadBench, Minerva and AMC, pass@16 on AIME24/25). Empty = one protocol for all
+    rows. With entries, every source is evaluated and reported on its own (``datasets`` in each budget's metrics) and
+    a budget's ``accuracy`` is the mean over the sources, the paper's "Avg"."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -83,6 +90,21 @@ class EvalConfig:
         check_range("evaluate.bootstrap", self.bootstrap, 0)
         check_range("evaluate.ci", self.ci, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("evaluate.long_response_tokens", self.long_response_tokens, 1)
+        for source, override in self.protocols.items():
+            if not isinstance(override, dict) or not override or set(override) - {"num_samples", "pass_k"}:
+                fail(f"evaluate.protocols.{source}", override, "a mapping with num_samples and/or pass_k")
+            self.for_source(source)  # validates the combination (each k <= num_samples)
+
+    def for_source(self, source: str | None) -> EvalConfig:
+        """The settings one ``data.eval`` source is evaluated with: these, with its ``protocols`` entry applied."""
+        override = self.protocols.get(source) if source is not None else None
+        if not override:
+            return self
+        try:
+            return dataclasses.replace(self, protocols={}, num_samples=override.get("num_samples", self.num_samples),
+                                       pass_k=tuple(override.get("pass_k", self.pass_k)))
+        except ValueError as e:
+            raise ValueError(f"params: `evaluate.protocols.{source}`: {e}") from None
 
     def sampling(self) -> SamplingConfig:
         """The evaluation's decoding settings."""

@@ -1,9 +1,9 @@
 """Parsing and validation helpers of the ``params.yaml`` sections: typed coercion of YAML values into frozen
 dataclasses, and errors that name the key, the value and what is allowed.
 
-It imports nothing from the package, so every module that declares a section (``pte.config_engine``,
-``pte.config_training``, ``pte.config_pipeline``, ``pte.data``, ``pte.adapters``) can use it without an import cycle;
-``pte.config`` assembles the sections (docs/pipeline.md, "Configuration").
+It imports nothing from the package, so every module that declares a section (``pte.config.engine``,
+``pte.config.training``, ``pte.config.pipeline``, ``pte.data.rows``, ``pte.engine.adapters``) can use it without an
+import cycle; ``pte.config`` assembles the sections (docs/pipeline.md, "Configuration").
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
@@ -78,6 +80,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         (item_tp, _ellipsis) = typing.get_args(tp)
         items = [_coerce(v, item_tp) for v in value]
         return _NO if any(i is _NO for i in items) else tuple(items)
+    if origin is dict:  # its entries are checked by the dataclass that declares it
+        return dict(value) if isinstance(value, dict) else _NO
     if tp is type(None):
         return None if value is None else _NO
     if tp is bool:

@@ -9,9 +9,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pte.config_engine import SamplingConfig
-from pte.methods import METHODS
-from pte.schema import check_range, fail
+from pte.config.engine import SamplingConfig
+from pte.config.methods import METHODS
+from pte.config.schema import check_range, fail
 
 __all__ = ["LOSS_TYPES", "GRPOConfig", "TrainConfig", "WarmstartConfig", "check_loss_settings", "learning_rate",
            "recall_weight"]
@@ -24,7 +24,7 @@ LOSS_TYPES: tuple[str, ...] = ("grpo", "dapo", "dr_grpo")
 def check_loss_settings(loss_type: str, epsilon: float, epsilon_high: float | None, beta: float,
                         max_completion_length: int | None, delta: float | None = None) -> None:
     """The one validation of the GRPO loss settings, shared by :class:`GRPOConfig` (the ``grpo:`` section) and
-    ``pte.grpo.GRPOLossConfig`` (the loss's view of it, built by ``GRPOLossConfig.from_config``).
+    ``pte.training.grpo.GRPOLossConfig`` (the loss's view of it, built by ``GRPOLossConfig.from_config``).
 
     Raises:
         ValueError: naming the ``grpo.<key>``, the value and what is allowed.
@@ -64,6 +64,9 @@ class GRPOConfig:
     """PPO clip range (lower), in [0, 1)."""
     epsilon_high: float | None = None
     """Upper clip range (DAPO clip-higher); null = epsilon."""
+    delta: float | None = None
+    """Upper clamp of the unclipped ratio (TRL's ``delta``, INTELLECT-2's two-sided clipping), > 1 + epsilon_high;
+    null = off."""
     beta: float = 0.001
     """k3 KL coefficient against the reference (the base model, adapters off)."""
     kl_cache: Literal["full", "bounded"] = "full"
@@ -77,7 +80,7 @@ class GRPOConfig:
     use_bias_correction_kl: bool = False
     """TRL's bias-corrected KL (multiplies the k3 term by the ratio); off = plain k3 as in verl and the paper."""
     reward: Literal["math", "char_match"] = "math"
-    """``math``: the answer oracle of pte.rewards; ``char_match``: dense toy reward for smoke tests."""
+    """``math``: the answer oracle of pte.data.rewards; ``char_match``: dense toy reward for smoke tests."""
     allow_last_number: bool = False
     """Accept the last number of a completion as its answer when it has no \\boxed{} / Answer: line."""
 
@@ -87,7 +90,8 @@ class GRPOConfig:
         check_range("grpo.temperature", self.temperature, 0.0, lo_open=True)
         check_range("grpo.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_range("grpo.top_k", self.top_k, 0)
-        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.max_completion_length)
+        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.max_completion_length,
+                            self.delta)
         if self.kl_estimator == "exact" and self.kl_cache != "full":
             raise ValueError("params: `grpo.kl_estimator` = 'exact' needs `grpo.kl_cache` = 'full' (the teacher is the "
                              f"full-cache reference), got {self.kl_cache!r}; set kl_cache: full or kl_estimator: k3.")
@@ -116,8 +120,8 @@ class TrainConfig:
     """AdamW learning rate (the peak of ``lr_schedule``)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """``constant``: ``lr`` at every step; ``cosine``: ``lr`` decayed along a half cosine to 0 after ``steps``, over
-    the last ``lr_decay_steps`` steps (:func:`learning_rate`; a function of the step alone, so a resumed
-    run continues it)."""
+    the last ``lr_decay_steps`` steps (:func:`learning_rate`; a function of the step alone, so a resumed run continues
+    it)."""
     lr_decay_steps: int | None = None
     """``cosine`` only: the steps the decay spans, at the end of the run; ``lr`` is constant before them (a
     warmup-stable-decay schedule without warm-up, ``transformers.get_wsd_schedule``). None = every step (plain
@@ -137,15 +141,19 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest removed)."""
     check_replay: bool = True
-    """On the first step, check replay log-probs against rollout log-probs and stop if they differ."""
-    replay_tolerance: float = 1e-4
-    """Largest allowed |replay - rollout| log-prob difference for the check in fp32 (``train.precision: fp32``)."""
-    replay_tolerance_bf16: float = 1.0
+    """At every rollout step (``grpo``, on-policy ``distill``), check replay log-probs against rollout log-probs and
+    stop, naming the worst token, if they differ by more than ``replay_tolerance`` (the gaps cost nothing extra: the
+    replay computes them anyway)."""
+    replay_tolerance: float = 1e-3
+    """Largest allowed change of a sampled token's probability, ``|exp(replay) - exp(rollout)|``, on the checked step
+    in fp32 (docs/method.md, "Replay check"). A probability moves by at most ``p`` times its log-prob, so the float
+    noise of an unlikely sampled token (a log-prob gap up to 6e-4 measured on an AVX-512 CPU) stays far below it,
+    while every injected replay fault moved some token's probability by 2.6e-2 or more at the demo's shapes."""
+    replay_tolerance_bf16: float = 0.1
     """The same bound in bf16, used automatically when the run's precision is bf16. bf16 logits carry a rounding of
     up to 2^-9 of their magnitude, so two exact but differently batched forwards (a one-token decode step and a
-    replay chunk) already differ by a measurable amount: on CPU, max |replay - rollout| over 192 sampled tokens was
-    up to 0.39 on SmolLM2-135M-Instruct and 0.016 on the tiny random models (``docs/method.md``, "Precision"). A
-    replay that feeds the wrong context or state is off by whole nats; this bound keeps that apart from rounding."""
+    replay chunk) already differ by a measurable amount: on CPU, max |replay - rollout| log-prob over 192 sampled
+    tokens was up to 0.39 on SmolLM2-135M-Instruct (``docs/method.md``, "Precision")."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     objective: Literal["grpo", "sft", "distill"] = "grpo"
@@ -154,19 +162,20 @@ class TrainConfig:
     must have a worked-solution writer); ``distill``, on-policy distillation of the sampled rollouts toward the
     model's own adapter-disabled, full-cache distribution (TRL's generalized JSD over the whole vocabulary)."""
     sft_recall_weight: float = 1.0
-    """Weight of a recall token (a value a worked solution recalls from an early variable, ``pte.tasks.recall_spans``)
+    """Weight of a recall token (a value a worked solution recalls from an early variable,
+    ``pte.data.tasks.recall_spans``)
     in the ``sft`` loss, a weighted token mean; every other token weighs 1, so 1 is the plain NLL. A study setting
-    (docs/evaluation.md): a solution holds one recall token among about 100, and a large weight isolates the signal
-    that only a memory of evicted thoughts can fit."""
+    (docs/evaluation.md): a solution holds one recall token among about 100, and a large weight isolates the signal that
+    only a memory of evicted thoughts can fit."""
     sft_recall_steps: int | None = None
     """Steps, from the first, whose ``sft`` loss weighs recall tokens by ``sft_recall_weight``; later steps weigh them
-    by ``sft_recall_weight_after`` (1 = the plain NLL). None = every step. A two-phase recipe (docs/evaluation.md,
+    by ``sft_recall_weight_after`` (1 = the plain NLL). None = every step. A two-phase recipe (research/log.md,
     "Sixth study session"): the weighted phase teaches the state to carry the evicted value, the second phase repairs
     the other tokens that the weight traded away."""
     sft_recall_weight_after: float = 1.0
     """Weight of a recall token after the first ``sft_recall_steps`` steps. 1 makes the second phase the plain NLL,
     which can erase part of what the weighted phase taught; 10 kept the recall but left the other tokens unrepaired
-    (docs/evaluation.md, "Eighth study session")."""
+    (research/log.md, "Eighth study session")."""
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""

@@ -272,7 +272,7 @@ def reward_fn(
     ]
 
 
-# Worker side runs this file by path, not ``-m pte.rewards``: the package __init__ may import torch.
+# Worker side runs this file by path, not ``-m pte.data.rewards``: the package __init__ may import torch.
 _BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='_pte_reward_worker')['_worker_main']()"
 
 

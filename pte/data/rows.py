@@ -2,7 +2,7 @@
 
 What it does:
     * :class:`DataConfig` (the ``data:`` section of ``params.yaml``) lists the train, eval and warm-start sources
-      (:class:`~pte.sources.SourceSpec`) and the prompt template; :func:`data_config_from_dict` parses it.
+      (:class:`~pte.data.sources.SourceSpec`) and the prompt template; :func:`data_config_from_dict` parses it.
     * :func:`build_splits` loads every source (``sources.py``) and guarantees that no eval problem appears in train
       or warm-start rows, and no train problem in warm-start rows: rows whose normalized problem text (lower-cased,
       whitespace collapsed) occurs in an earlier split are dropped and counted; repeated problems inside a split
@@ -14,7 +14,7 @@ What it does:
       ``inference.encode_prompts``' job.
     * :func:`prepare_data`: the ``data`` pipeline stage.
 
-The paper trains on DAPO-Math-17K and evaluates on six benchmarks (reference/paper.md §3); those are hub sources
+The paper trains on DAPO-Math-17K and evaluates on six benchmarks (paper §3); those are hub sources
 here. The offline default uses reasoning-gym generators and CHAMP (docs/method.md, "Data and warm start"). This
 module knows nothing about tokenizers, models, rewards or training.
 """
@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pte.schema import section_from_dict
-from pte.sources import HUB_SOURCES, ROW_FIELDS, Row, SourceSpec, check_spec, load_source
+from pte.data.sources import HUB_SOURCES, ROW_FIELDS, Row, SourceSpec, check_spec, load_source
 
 __all__ = ["DataConfig", "HUB_SOURCES", "PROMPT_TEMPLATES", "Row", "SourceSpec", "build_splits", "chat_messages",
            "data_config_from_dict", "format_prompt", "normalize_problem", "prepare_data", "prompt_messages",
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_TEMPLATES: dict[str, str] = {
     "boxed": "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
-    # DAPO-Math-17K's own instruction (paper.md §6 q10); rewards.extract_answer reads the "Answer:" line.
+    # DAPO-Math-17K's own instruction (its dataset card); rewards.extract_answer reads the "Answer:" line.
     "dapo": ("Solve the following math problem step by step. The last line of your response should be of the form "
              "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
              'Remember to put your answer on its own line after "Answer:".'),
@@ -69,7 +68,7 @@ class DataConfig:
     )
     """Held-out evaluation sources; their problems are removed from train."""
     warmstart: tuple[SourceSpec, ...] = ()
-    """Problems whose worked solutions the ``warmstart`` stage fine-tunes on (``pte.tasks.worked_solution`` must
+    """Problems whose worked solutions the ``warmstart`` stage fine-tunes on (``pte.data.tasks.worked_solution`` must
     solve them); any that also occur in eval or train are removed. Empty = no warm start data."""
     prompt_template: str = "boxed"
     """A key of :data:`PROMPT_TEMPLATES`, or a text containing ``{problem}`` (the only placeholder)."""
@@ -113,6 +112,8 @@ def _spec_from_dict(data: Any, key: str) -> SourceSpec:
     kwargs = data.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"params: `{key}.kwargs` = {kwargs!r} is invalid; allowed: a mapping of settings.")
+    from pte.config.schema import section_from_dict  # here: pte.config imports this module (DataConfig)
+
     spec = section_from_dict(SourceSpec, {k: v for k, v in data.items() if k != "kwargs"}, key)
     return dataclasses.replace(spec, kwargs=dict(kwargs))
 
@@ -121,7 +122,7 @@ def data_config_from_dict(data: dict[str, Any] | None, section: str = "data") ->
     """Validate the ``data:`` mapping of ``params.yaml`` and build :class:`DataConfig`.
 
     ``train``/``eval`` are lists whose entries are a source name or a mapping ``{name, size, seed, split, revision,
-    local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.schema.section_from_dict`.
+    local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.config.schema.section_from_dict`.
 
     Raises:
         ValueError: unknown key or invalid value; the message names it (``data.train[1].size``) and what is allowed.
@@ -137,6 +138,8 @@ def data_config_from_dict(data: dict[str, Any] | None, section: str = "data") ->
             if not isinstance(entries, list):
                 raise ValueError(f"params: `{section}.{split}` = {entries!r} is invalid; allowed: a list of sources.")
             specs[split] = tuple(_spec_from_dict(e, f"{section}.{split}[{i}]") for i, e in enumerate(entries))
+    from pte.config.schema import section_from_dict
+
     cfg = section_from_dict(DataConfig, {k: v for k, v in data.items() if k not in specs}, section)
     return dataclasses.replace(cfg, **specs)
 
@@ -153,7 +156,7 @@ def format_prompt(problem: str, cfg: DataConfig) -> str:
 def prompt_messages(user: str, system: str | None = None) -> list[dict[str, str]]:
     """The chat messages of one prompt: ``system`` (when given) then the ``user`` message. The one builder of chat
     messages: the warm start (:func:`chat_messages`), the rollouts, the evaluation and the predictor
-    (``pte.inference.encode_prompts``) all go through it, so they phrase a problem identically."""
+    (``pte.engine.inference.encode_prompts``) all go through it, so they phrase a problem identically."""
     head = [{"role": "system", "content": system}] if system else []
     return [*head, {"role": "user", "content": user}]
 
@@ -303,7 +306,7 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Row]]:
 
     Raises:
         ValueError: bad settings, bad rows, or colliding ids (the message says which).
-        pte.sources.SourceUnavailableError: a hub source is offline/unreachable and has no ``local_path``.
+        pte.data.sources.SourceUnavailableError: a hub source is offline/unreachable and has no ``local_path``.
     """
     splits, stats = _assemble(cfg)
     _log_stats(stats)

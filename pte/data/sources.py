@@ -6,7 +6,7 @@ Three kinds of source, all named by a string in ``params.yaml`` (``data.train[i]
   ``gsm_symbolic``, ``basic_arithmetic``, ``chain_sum``, ``simple_equations``; generator settings pass through
   ``kwargs``. Item ``i`` of seed ``s`` is generated from ``Random(s + i)`` for most generators, so seeds ``s`` and
   ``s + 1`` share all but one item: keep the seeds of different splits far apart (overlaps are removed anyway).
-* ``var_chain``: our own seeded generator (``pte.tasks``) of programs whose last step needs an early result, the
+* ``var_chain``: our own seeded generator (``pte.data.tasks``) of programs whose last step needs an early result, the
   task on which a bounded cache hurts; its settings (``steps``, ``recall``, ``min_gap``, ``min_depth``) pass through
   ``kwargs``. Item ``i`` of seed ``s`` depends only on ``(s, i)``.
 * ``champ``: the 270 CHAMP competition problems shipped inside the ``champ-dataset`` package (offline).
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pte.tasks import TASKS
+from pte.data.tasks import TASKS
 
 __all__ = ["HUB_SOURCES", "HubSource", "OFFLINE_SOURCES", "Row", "SourceSpec", "SourceUnavailableError",
            "check_spec", "known_sources", "load_source"]
@@ -263,7 +263,7 @@ def _reasoning_gym(spec: SourceSpec, key: str) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Our own generators (pte.tasks)
+# Our own generators (pte.data.tasks)
 
 
 def _task(spec: SourceSpec, key: str) -> list[Row]:

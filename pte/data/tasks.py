@@ -1,7 +1,7 @@
 """Our own seeded task family ``var_chain`` and worked solutions written by program.
 
-``var_chain`` is the offline task on which a bounded cache hurts (issue 6). A problem is a short straight-line
-program over single-digit values; the answer is the value of its last variable::
+``var_chain`` is the offline task on which a bounded cache hurts (docs/evaluation.md, "The cpu-demo task"). A
+problem is a short straight-line program over single-digit values; the answer is the value of its last variable::
 
     Run the program and give the final value of h.
     a=9-4

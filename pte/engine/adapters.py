@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pte.cache import Evicted
 from pte.config import AdapterConfig, PTEConfig, section_from_dict
-from pte.methods import METHODS
-from pte.state import (
+from pte.config.methods import METHODS
+from pte.engine.cache import Evicted
+from pte.engine.state import (
     SegmentState,
     ThoughtEncoder,
     ThoughtState,
@@ -68,11 +68,7 @@ def _check_method(method: str) -> None:
 def method_pte_config(method: str, cfg: PTEConfig) -> PTEConfig:
     """The PTE settings of a method: the ablations switch off event updates or the global state."""
     _check_method(method)
-    if method == "pte_global_only":
-        return dataclasses.replace(cfg, event_updates=False)
-    if method == "pte_no_global":
-        return dataclasses.replace(cfg, use_global_state=False)
-    return cfg
+    return cfg.for_method(method)
 
 
 def trains_with_bounded_cache(method: str) -> bool:

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from pte.adapters import load_adapter, read_adapter_meta
 from pte.config import CacheConfig, SamplingConfig
-from pte.data import prompt_messages
-from pte.models import load_model
-from pte.rollout import Rollout, generate
+from pte.data.rows import prompt_messages
+from pte.engine.adapters import load_adapter, read_adapter_meta
+from pte.engine.models import load_model
+from pte.engine.rollout import Rollout, generate
 
 __all__ = ["Generator", "completion_ids", "decode_completion", "encode_prompts", "eos_ids"]
 

@@ -10,7 +10,7 @@ Memory: with ``on_segment`` the caller backpropagates each segment's loss right 
 then detached, so activation memory is bounded by one segment, not by the sequence. This drops the
 gradient paths through earlier segments' keys/values (a truncation across segments, like truncated
 BPTT); gradients still reach the adapter through every token and the encoder through every event
-(see :class:`pte.state.SegmentState`). ``detach_cache=False`` keeps the whole graph for the exact
+(see :class:`pte.engine.state.SegmentState`). ``detach_cache=False`` keeps the whole graph for the exact
 gradient (checks and small runs only).
 
 The first segment of a bounded cache (prompt block + the whole window, W tokens) is replayed in chunks of e
@@ -33,10 +33,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pte.adapters import find_pte
-from pte.cache import BoundedCache, CachePlan, event_steps, slot_attention_mask
-from pte.rollout import format_mask, model_forward
-from pte.state import SegmentState
+from pte.engine.adapters import find_pte
+from pte.engine.cache import BoundedCache, CachePlan, event_steps, slot_attention_mask
+from pte.engine.rollout import format_mask, model_forward
+from pte.engine.state import SegmentState
 
 __all__ = ["chunk_logits", "replay_chunks", "replay_logprobs", "segment_bounds", "shared_mask", "token_logprobs"]
 

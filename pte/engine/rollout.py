@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pte.adapters import find_pte
-from pte.cache import BoundedCache, CachePlan, plan_cache
 from pte.config import CacheConfig, SamplingConfig
+from pte.engine.adapters import find_pte
+from pte.engine.cache import BoundedCache, CachePlan, plan_cache
 
 __all__ = ["Rollout", "decode_model", "format_mask", "generate", "inverse_cdf", "model_forward", "pad_rollout",
            "sample_tokens", "shared_prompts"]
@@ -258,7 +258,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
             log-probs equal the unshared path's (bit for bit on CPU, tested; a GPU may pick other kernels for the
             smaller prefill batch, within rounding); False prefills every row.
         static_cache: with a bounded window, decode into preallocated ``P + W``-slot buffers written and evicted in
-            place (:class:`pte.cache.SlotLayer`) instead of a ``DynamicCache`` that concatenates every step; same
+            place (:class:`pte.engine.cache.SlotLayer`) instead of a ``DynamicCache`` that concatenates every step; same
             tokens and log-probs up to rounding (tested against the dynamic path through eviction events).
             With ``cache_cfg.compile_decode`` the decode steps of a static cache run through :func:`decode_model`.
 

@@ -55,7 +55,7 @@ def _cuda() -> bool:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pte.config import CacheConfig, SamplingConfig
-    from pte.inference import Generator
+    from pte.engine.inference import Generator
 
     if args.full_cache:
         cache = CacheConfig(window=None, evict_ratio=args.evict_ratio)
@@ -96,7 +96,7 @@ def _cmd_tracking_sync(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pte.config import TrackingConfig, load_params
-    from pte.tracking import sync_run
+    from pte.pipeline.tracking import sync_run
 
     if args.params or Path("params.yaml").is_file():
         cfg = load_params(args.params or "params.yaml").tracking
@@ -124,7 +124,7 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     for k, v in _OFFLINE_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    from pte.stages import add_stage_parsers
+    from pte.pipeline.stages import add_stage_parsers
 
     parser = build_parser([add_stage_parsers])
     args = parser.parse_args(argv)

@@ -5,12 +5,12 @@ What it does:
       (percentile bootstrap over problems) and :func:`summarize` (per-sample records -> metrics).
     * :func:`evaluate_policy`: n samples per problem from one loaded policy under one total cache budget C (prompt
       block P + thinking window W = C - P, the sliding-window eviction of docs/method.md, "Bounded cache", the same
-      ratio for every method)
-      or the full cache, each scored by the one oracle :func:`pte.rewards.score`.
-    * :func:`evaluate_all`: every method x every budget -> ``metrics.json``, ``samples/*.jsonl``, plots (``pte.plots``).
+      ratio for every method) or the full cache, each scored by the one oracle :func:`pte.data.rewards.score`.
+    * :func:`evaluate_all`: every method x every budget -> ``metrics.json``, ``samples/*.jsonl``, plots
+    (``pte.pipeline.plots``).
     * :func:`metrics_table`: methods x budgets as a markdown table (reports, Prefect artifacts).
 
-Protocol (paper §3, §6 q11): accuracy = pass@1 averaged over n samples per problem (mean over problems of c/n),
+Protocol (paper §3): accuracy = pass@1 averaged over n samples per problem (mean over problems of c/n),
 sampled at T = 0.6, top-p 0.95 by default; pass@k with the unbiased estimator when n > k.
 
 Budgets: a problem whose own prompt needs C slots or more leaves no thinking window; it is skipped and counted as
@@ -42,11 +42,11 @@ import numpy as np
 import torch
 
 from pte.config import EvalConfig
-from pte.data import DataConfig, Row, format_prompt
-from pte.inference import Generator, completion_ids, decode_completion, encode_prompts, eos_ids
-from pte.rewards import extract_answer, score
-from pte.rollout import generate
-from pte.tasks import recall_score
+from pte.data.rewards import extract_answer, score
+from pte.data.rows import DataConfig, Row, format_prompt
+from pte.data.tasks import recall_score
+from pte.engine.inference import Generator, completion_ids, decode_completion, encode_prompts, eos_ids
+from pte.engine.rollout import generate
 
 __all__ = ["batch_seed", "bootstrap_ci", "budget_label", "evaluate_all", "evaluate_policy", "kv_bytes_per_token",
            "metrics_table", "pass_at_k", "plan_batches", "summarize"]
@@ -125,7 +125,7 @@ def summarize(records: Sequence[Record], pass_k: Sequence[int] = (1,), n_resampl
         completions with a ``\\boxed{`` answer), ``mixed_groups`` (share of problems with >= 2 samples whose samples
         are neither all right nor all wrong: the groups in which GRPO gets a signal), ``evictions_per_sample``,
         ``num_problems``, ``num_samples``, and ``recall_accuracy``: the share of values recalled from early variables
-        that the completions wrote correctly (:func:`pte.tasks.recall_score`; None when no record has a recall).
+        that the completions wrote correctly (:func:`pte.data.tasks.recall_score`; None when no record has a recall).
         Means over no records are None.
     """
     groups: dict[str, list[bool]] = {}
@@ -349,6 +349,32 @@ def _summary(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float |
     return flat
 
 
+def _evaluate_sources(gen: Generator, rows: list[Row], budget: int | None, cfg: EvalConfig, data_cfg: DataConfig,
+                      seed: int, progress: bool) -> tuple[dict[str, Any], list[Record]]:
+    """:func:`evaluate_policy` over all ``rows``, or, with ``evaluate.protocols``, over each source with its own
+    protocol: then the metrics hold ``datasets`` ({source: metrics}) and ``accuracy`` is their mean (the paper's
+    "Avg"; no interval across datasets), counts are summed and measured memory and time are the largest / total."""
+    if not cfg.protocols:
+        return evaluate_policy(gen, rows, budget, cfg, data_cfg, seed, progress=progress)
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.source, []).append(r)
+    parts = {src: evaluate_policy(gen, grp, budget, cfg.for_source(src), data_cfg, seed, progress=progress)
+             for src, grp in groups.items()}
+    per = {src: m for src, (m, _) in parts.items()}
+    measured = {"seconds": sum(m.pop("seconds") for m in per.values()),
+                **{k: max(m.pop(k) for m in per.values()) for k in ("peak_memory_bytes", "process_peak_rss_bytes")}}
+    metrics = {"accuracy": _mean([m["accuracy"] for m in per.values() if m["accuracy"] is not None]),
+               "accuracy_ci_low": None, "accuracy_ci_high": None, "recall_accuracy": None, "ci_level": cfg.ci,
+               "num_problems": sum(m["num_problems"] for m in per.values()),
+               "over_budget": sum(m["over_budget"] for m in per.values()),
+               "over_budget_ids": [i for m in per.values() for i in m.pop("over_budget_ids")],
+               "kv_cache_peak_bytes": max(m["kv_cache_peak_bytes"] for m in per.values()),
+               "kv_cache_bytes_per_token": next(iter(per.values()))["kv_cache_bytes_per_token"],
+               "datasets": per, **measured}
+    return metrics, [r for _, recs in parts.values() for r in recs]
+
+
 def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | None], rows: list[Row], cfg: EvalConfig,
                  data_cfg: DataConfig, out_dir: str | Path, seed: int, dtype: str = "float32",
                  device: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -366,12 +392,12 @@ def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | No
         ``metrics.json`` ({method: {budget_label: metrics}, "summary": flat}; numbers only, no wall time or measured
         memory: those go to ``resources.json``, so reruns give identical metrics), ``over_budget.json``
         ({budget_label: [problem ids]}), ``metrics.md`` (:func:`metrics_table`), ``samples/<method>_<budget>.jsonl``,
-        and ``plots/`` (three PNGs, each with a JSON file of its points; see :func:`pte.plots.write_plots`).
+        and ``plots/`` (three PNGs, each with a JSON file of its points; see :func:`pte.pipeline.plots.write_plots`).
 
     Returns:
         The content of ``metrics.json``.
     """
-    from pte.plots import write_plots
+    from pte.pipeline.plots import write_plots
 
     _check_adapters(cfg.methods, adapters)
     out = Path(out_dir)
@@ -388,7 +414,7 @@ def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | No
                              "fix the method -> adapter mapping.")
         for budget in cfg.budgets:
             label = budget_label(budget)
-            metrics, recs = evaluate_policy(gen, rows, budget, cfg, data_cfg, seed, progress=progress)
+            metrics, recs = _evaluate_sources(gen, rows, budget, cfg, data_cfg, seed, progress)
             over_ids[label] = metrics.pop("over_budget_ids")
             results.setdefault(method, {})[label] = metrics
             records[(method, label)] = recs

@@ -3,7 +3,7 @@
 * ``accuracy_vs_budget``: accuracy per method against the cache budget C, bootstrap-interval error bars; the full
   cache is drawn at the right as "full".
 * ``kv_memory_vs_length``: KV-cache MiB per sequence against the generated length, bounded budgets vs the full cache.
-  Analytic (slots x bytes per slot, see ``pte.evaluate.kv_bytes_per_token``), built from the prompt block P and
+  Analytic (slots x bytes per slot, see ``pte.pipeline.evaluate.kv_bytes_per_token``), built from the prompt block P and
   window W of the evaluated batches: a line for the cache held after t generated tokens (P + min(t, W), or P + t for
   the full cache) averaged over samples, and one dot per sample at its own final length. Not a process measurement:
   ``metrics.json`` holds the measured peaks.
@@ -11,8 +11,8 @@
   and wrong samples stacked, the long-response count annotated (the paper's "Long: N (x%)").
 
 Every PNG has a JSON file of its plotted points next to it (a list of flat objects, what ``dvc plots`` reads).
-matplotlib runs with the Agg backend. This module knows nothing about models: it reads ``pte.evaluate``'s metrics
-and per-sample records.
+matplotlib runs with the Agg backend. This module knows nothing about models: it reads ``pte.pipeline.evaluate``'s
+metrics and per-sample records.
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ def write_plots(results: dict[str, dict[str, dict[str, Any]]], records: Records,
         cfg: the ``evaluate`` section (max_new_tokens, long-response threshold).
 
     Returns:
-        The paths written: ``accuracy_vs_budget``, ``kv_memory_vs_length``, ``response_length_hist``, each
-        ``.png`` + ``.json``.
+        The paths written: ``accuracy_vs_budget``, ``kv_memory_vs_length``, ``response_length_hist``, each ``.png`` +
+        ``.json``.
     """
     out = Path(out_dir)
     return (_plot_accuracy(results, out / "accuracy_vs_budget.png")

@@ -3,19 +3,21 @@
 
 * :class:`PTEPredictor`: a pyfunc model whose ``load_context`` rebuilds the policy (base model + adapter directory)
   and whose ``predict`` generates under the bounded KV cache (``docs/method.md``) through
-  :class:`pte.inference.Generator`, with the cache, sampling and prompt settings recorded in the model's
+  :class:`pte.engine.inference.Generator`, with the cache, sampling and prompt settings recorded in the model's
   ``model_config``: a bare problem is phrased as in training (``data.prompt_template``, ``data.system_prompt``).
-* The model is logged from code (MLflow "models from code": the source file ``pte/registry_model.py``, which calls
-  ``mlflow.models.set_model``), so the logged model holds no pickled Python object and loading it runs no
-  unpickled code.
+* The model is logged from code (MLflow "models from code": the source file ``pte/pipeline/registry_model.py``, which
+calls
+  ``mlflow.models.set_model``), so the logged model holds no pickled Python object and loading it runs no unpickled
+  code.
 * :func:`register`: logs that model (base model copied in, or referenced by its source), registers a new version
   tagged with the compared metric, budget, method and git SHA, and moves ``champion`` to it only when it beats the
   current champion on ``registry.metric`` at ``registry.budget`` (else it gets ``challenger``).
 * :func:`load_champion`: ``mlflow.pyfunc.load_model("models:/<name>@champion")``.
 
-An unreachable tracking server raises :class:`ConnectionError` before anything is written. With ``pte.tracking`` (and
-the model file ``pte.registry_model``), the only module importing mlflow. It knows nothing about training or how
-evaluation computes its metrics.
+An unreachable tracking server raises :class:`ConnectionError` before anything is written. With
+``pte.pipeline.tracking`` (and
+the model file ``pte.pipeline.registry_model``), the only module importing mlflow. It knows nothing about training or
+how evaluation computes its metrics.
 """
 from __future__ import annotations
 
@@ -37,10 +39,10 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pte.adapters import METHODS, read_adapter_meta
 from pte.config import CacheConfig, RegistryConfig, SamplingConfig, TrackingConfig
-from pte.data import DataConfig, format_prompt
-from pte.tracking import clean_metrics, ensure_experiment, require_reachable, run_context
+from pte.data.rows import DataConfig, format_prompt
+from pte.engine.adapters import METHODS, read_adapter_meta
+from pte.pipeline.tracking import clean_metrics, ensure_experiment, require_reachable, run_context
 
 __all__ = ["CHALLENGER", "CHAMPION", "PTEPredictor", "load_champion", "package_policy", "register", "select_metric"]
 
@@ -67,7 +69,7 @@ class PTEPredictor(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pte.inference import Generator
+        from pte.engine.inference import Generator
 
         cfg = dict(context.model_config or {})
         base = context.artifacts.get("base_model") or cfg.get("base_model_ref")
@@ -88,8 +90,8 @@ class PTEPredictor(mlflow.pyfunc.PythonModel):
     def build_prompts(self, problems: list[str], raw: bool = False) -> tuple[list[str], str | None]:
         """The user messages and system message of ``problems``, phrased as in training and evaluation.
 
-        The training stage turns each problem into ``pte.data.format_prompt(problem, data)`` and chat-templates it
-        with ``pte.inference.encode_prompts(..., system=data.system_prompt)``; this returns the same two inputs.
+        The training stage turns each problem into ``pte.data.rows.format_prompt(problem, data)`` and chat-templates it
+        with ``pte.engine.inference.encode_prompts(..., system=data.system_prompt)``; this returns the same two inputs.
 
         Args:
             problems: bare problems (``raw=False``), or complete prompt texts (``raw=True``).
@@ -217,7 +219,7 @@ def select_metric(eval_metrics: dict[str, Any], metric: str, budget: str = "min"
 
 
 def _requirements(gguf: bool) -> list[str]:
-    # Explicit list: mlflow's inference would add torchvision for torch and fail when it is absent (stack.md).
+    # Explicit list: mlflow's inference would add torchvision for torch and fail when it is absent.
     # The pte package itself must be importable where the model is loaded (it holds PTEPredictor).
     names = ["mlflow", "torch", "transformers", "peft", "safetensors", "tokenizers", "pandas"]
     names += ["gguf"] if gguf else []
@@ -243,7 +245,7 @@ def package_policy(adapter_dir: str | Path, base_model: str | Path, include_base
         cache, sampling, dtype, seed: the predictor's settings (``model_config``; overridable at load time).
         base_source: the base model's original source (recorded for humans).
         data: the ``data`` section the policy was trained with; its template text and system prompt are recorded
-            (default: :class:`~pte.data.DataConfig`'s).
+            (default: :class:`~pte.data.rows.DataConfig`'s).
 
     Raises:
         FileNotFoundError: the adapter directory, or a local base directory without ``config.json``.
@@ -283,12 +285,13 @@ def _signature():
 
 
 def model_code_path() -> str:
-    """Path of the models-from-code file (``pte/registry_model.py``) that :func:`register` logs as the model."""
+    """Path of the models-from-code file (``pte/pipeline/registry_model.py``) that :func:`register` logs as the
+    model."""
     # Found, not imported (importing it would call set_model); the literal name lets the dvc.yaml dependency check
     # (tests/test_pipeline_config.py) see that the register stage runs this file.
-    spec = importlib.util.find_spec("pte.registry_model")
+    spec = importlib.util.find_spec("pte.pipeline.registry_model")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("pte.registry_model is missing from the installed pte package; reinstall pte.")
+        raise FileNotFoundError("pte.pipeline.registry_model is missing from the installed pte package; reinstall pte.")
     return spec.origin
 
 

@@ -5,8 +5,7 @@ Each stage reads ``params.yaml``, calls one function of the package and writes i
 
 What a stage declares to DVC is deterministic (the same bytes on every run, so ``dvc.lock`` and the committed
 metrics do not change); what varies from run to run (wall time, memory, MLflow run ids and versions, the training
-log and checkpoints) goes to side files that DVC does not track and git ignores (docs/pipeline.md, "What is
-committed").
+log and checkpoints) goes to side files that DVC does not track and git ignores (docs/pipeline.md, "What is committed").
 """
 
 from __future__ import annotations
@@ -18,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from pte.config import Params, load_params
-from pte.warmstart import resolve_base
+from pte.training.warmstart import resolve_base
 
 __all__ = ["REGISTRATION_RUN_KEYS", "add_stage_parsers", "registered_candidate", "stage_base_model", "stage_data",
            "stage_evaluate", "stage_register", "stage_train", "stage_warmstart"]
 
 REGISTRATION_RUN_KEYS = ("version", "alias", "previous_champion", "run_id", "model_uri")
-"""Keys of :func:`pte.registry.register`'s answer that depend on what the registry already holds (or are new ids on
-every call): they stay in the side file ``registration.json``, out of the register stage's declared output."""
+"""Keys of :func:`pte.pipeline.registry.register`'s answer that depend on what the registry already holds (or are new
+ids on every call): they stay in the side file ``registration.json``, out of the register stage's declared output."""
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -42,9 +41,9 @@ def with_base(params: Params, base: str | None) -> Params:
 
 def stage_base_model(params: Params, out: Path) -> dict[str, Any]:
     """Load ``model.source`` (hub id, GGUF, package file) once and write it as a plain HF directory."""
-    from pte.models import load_model, save_hf
+    from pte.engine.models import load_model, save_hf
 
-    # on the CPU, where this stage runs, model.dtype auto is float32 (pte.models.resolve_dtype)
+    # on the CPU, where this stage runs, model.dtype auto is float32 (pte.engine.models.resolve_dtype)
     model, tok = load_model(params.model.source, dtype=params.model.dtype, revision=params.model.revision,
                             seed=params.base.seed)
     save_hf(model, tok, out)
@@ -54,7 +53,7 @@ def stage_base_model(params: Params, out: Path) -> dict[str, Any]:
 
 def stage_data(params: Params, out: Path) -> dict[str, Any]:
     """Build the train / eval JSONL splits (offline generators, CHAMP, or hub datasets)."""
-    from pte.data import prepare_data
+    from pte.data.rows import prepare_data
 
     return prepare_data(params.data, out)
 
@@ -62,8 +61,8 @@ def stage_data(params: Params, out: Path) -> dict[str, Any]:
 def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, reports: Path) -> dict[str, Any]:
     """Fine-tune the base on worked solutions of ``data`` (``data/warmstart.jsonl``) into ``out`` when
     ``warmstart.enabled``; otherwise write only the marker that tells later stages to use the base as it is."""
-    from pte.data import read_jsonl
-    from pte.warmstart import warmstart, write_disabled
+    from pte.data.rows import read_jsonl
+    from pte.training.warmstart import warmstart, write_disabled
 
     if not params.warmstart.enabled:
         write_disabled(out)
@@ -83,19 +82,20 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
 
     ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
     side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them."""
-    from pte.data import format_prompt, read_jsonl
-    from pte.runtime import shutdown_distributed
-    from pte.tracking import make_tracker, read_metrics
-    from pte.train import train
+    from pte.data.rows import format_prompt, read_jsonl
+    from pte.pipeline.tracking import make_tracker, read_metrics
+    from pte.training.runtime import shutdown_distributed
+    from pte.training.train import train
 
     params = with_base(params, base)
     rows = read_jsonl(data)
     prompts = [format_prompt(r.problem, params.data) for r in rows]
     solutions = None
     if params.train.teacher_forced():
-        from pte.tasks import worked_solutions
+        from pte.data.tasks import worked_solutions
 
-        solutions = worked_solutions(rows, f"train.objective = {params.train.objective!r} on worked solutions", "train on sources with a solution writer "
+        solutions = worked_solutions(rows, f"train.objective = {params.train.objective!r} on worked solutions",
+                                     "train on sources with a solution writer "
                                      "(var_chain, reasoning_gym:chain_sum) or use train.objective grpo or distill.")
     # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
     tracker = make_tracker(params.tracking, run_name=f"train-{method}", tags={"method": method, "stage": "train"})
@@ -120,8 +120,8 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
 
 def stage_evaluate(params: Params, base: str | None, models: Path, data: Path, out: Path) -> dict[str, Any]:
     """Every method of ``evaluate.methods`` under every budget of ``evaluate.budgets``; reports under ``out``."""
-    from pte.data import read_jsonl
-    from pte.evaluate import evaluate_all
+    from pte.data.rows import read_jsonl
+    from pte.pipeline.evaluate import evaluate_all
 
     adapters = {m: None if m == "base" else models / m / "adapter" for m in params.evaluate.methods}
     metrics = evaluate_all(base or params.model.source, adapters, read_jsonl(data), params.evaluate, params.data,
@@ -132,7 +132,7 @@ def stage_evaluate(params: Params, base: str | None, models: Path, data: Path, o
 def stage_register(params: Params, base: str | None, adapter: Path, metrics: Path) -> dict[str, Any]:
     """Register the trained policy in MLflow; ``champion`` only when it beats the current one."""
     from pte.config import CacheConfig
-    from pte.registry import register
+    from pte.pipeline.registry import register
 
     ev = params.evaluate
     budget = params.registry.budget_key()

@@ -9,7 +9,7 @@ off (with one warning) after the first MLflow error instead of raising into trai
 :func:`sync_run` replays such a file (its params, tags and per-step metrics) into MLflow once the server is back
 (``pte tracking sync <run dir>``, ``docs/pipeline.md``); replaying it again logs nothing.
 
-This module and ``pte.registry`` are the only ones that import mlflow (lazily here, so that training
+This module and ``pte.pipeline.registry`` are the only ones that import mlflow (lazily here, so that training
 without MLflow never pays the import). It knows nothing about models, training or the registry.
 """
 
@@ -193,7 +193,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return read_run(path)[2]
 
 
-# -- helpers shared with pte.registry -----------------------------------------------------------------------------
+# -- helpers shared with pte.pipeline.registry
+# -----------------------------------------------------------------------------
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -432,7 +433,7 @@ def make_tracker(cfg: TrackingConfig, run_name: str, out_dir: str | Path | None 
         cfg: the ``tracking`` section.
         run_name: MLflow run name (e.g. ``train-pte``).
         out_dir: where ``metrics.jsonl`` goes; None = no local file (for callers that write their own, such as
-            ``pte.train.Trainer``), in which case the fallback is a :class:`NullTracker`.
+            ``pte.training.train.Trainer``), in which case the fallback is a :class:`NullTracker`.
         tags: extra run tags (method, stage, ...).
 
     Returns:
@@ -487,8 +488,8 @@ def sync_run(path: str | Path, cfg: TrackingConfig, run_name: str | None = None)
 
     The MLflow run gets the file's params and tags, every step's metrics, and the tag ``pte.sync_id``: a digest of
     that content. A later call finds the finished run with the same digest in the experiment and logs nothing; a
-    run left unfinished by an interrupted sync is deleted and replayed. A file that grew since (a resumed training)
-    has another digest and becomes a new run.
+    run left unfinished by an interrupted sync is deleted and replayed. A file that grew since (a resumed training) has
+    another digest and becomes a new run.
 
     Args:
         path: a run directory holding ``metrics.jsonl`` (e.g. ``models/pte``), or the file itself.

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pte.runtime import is_main, world_size
+from pte.training.runtime import is_main, world_size
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 

@@ -143,7 +143,7 @@ class GRPOLossConfig:
     def from_config(cls, cfg: GRPOConfig) -> GRPOLossConfig:
         """The loss settings of the ``grpo:`` section (the single source of truth for training)."""
         return cls(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                   max_completion_length=cfg.max_completion_length,
+                   max_completion_length=cfg.max_completion_length, delta=cfg.delta,
                    use_bias_correction_kl=cfg.use_bias_correction_kl)
 
     def upper_epsilon(self) -> float:

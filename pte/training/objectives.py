@@ -1,5 +1,6 @@
 """The per-chunk losses of every training objective, all through the same segment-wise replay (docs/method.md,
-"Objectives"). ``grpo`` (the paper's Eq. 3) is :func:`grpo_chunk` over :mod:`pte.grpo`'s token objective; besides it:
+"Objectives"). ``grpo`` (the paper's Eq. 3) is :func:`grpo_chunk` over :mod:`pte.training.grpo`'s token objective;
+besides it:
 
 * ``sft``: teacher-forced NLL of a reference solution under the method's *training* cache. Every token sees exactly
   the context (prompt block + thinking window) and the thought state it would see while generating, so the state is
@@ -11,7 +12,8 @@
   gradients as an incremental full-cache forward aligned with the student's replay chunks, so no ``[B, T, V]``
   tensor ever exists: at most one chunk's logits of each.
 
-Also here: the recall metric's token positions (the tokens that need an evicted value, :func:`pte.tasks.recall_spans`).
+Also here: the recall metric's token positions (the tokens that need an evicted value,
+:func:`pte.data.tasks.recall_spans`).
 This module knows nothing about the optimiser, DeepSpeed or tracking; the trainer calls it.
 """
 
@@ -22,14 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pte.adapters import adapters_disabled
-from pte.cache import BoundedCache, CachePlan
-from pte.grpo import GRPOLossConfig, GRPOStats, per_token_objective
-from pte.replay import chunk_logits
-from pte.tasks import recall_spans
+from pte.data.tasks import recall_spans
+from pte.engine.adapters import adapters_disabled
+from pte.engine.cache import BoundedCache, CachePlan
+from pte.engine.replay import chunk_logits
+from pte.training.grpo import GRPOLossConfig, GRPOStats, per_token_objective
 
-__all__ = ["ChunkTotals", "FullCacheTeacher", "SFTBatch", "completion_tokens", "distill_chunk", "grpo_chunk",
-           "jsd_loss", "recall_positions", "sft_batch", "sft_chunk", "sft_weights", "token_kl"]
+__all__ = ["ChunkTotals", "FullCacheTeacher", "ReplayGap", "SFTBatch", "completion_tokens", "grpo_chunk",
+           "jsd_loss", "recall_positions", "replay_gap", "sft_batch", "sft_chunk", "sft_weights", "token_kl"]
 
 
 def completion_tokens(tokenizer, solutions: list[str], eos_id: int, pad_id: int,
@@ -52,7 +54,7 @@ def completion_tokens(tokenizer, solutions: list[str], eos_id: int, pad_id: int,
 def recall_positions(tokenizer, problems: list[str], solutions: list[str], width: int) -> torch.Tensor:
     """``[B, width]`` bool: the solution tokens that write a value recalled from an early variable.
 
-    A token is a recall position when its characters overlap a span of :func:`pte.tasks.recall_spans` (tokenized
+    A token is a recall position when its characters overlap a span of :func:`pte.data.tasks.recall_spans` (tokenized
     as :func:`completion_tokens` tokenizes, so positions line up). Rows of tasks without recalls are all False.
     """
     out = torch.zeros(len(solutions), width, dtype=torch.bool)
@@ -66,40 +68,68 @@ def recall_positions(tokenizer, problems: list[str], solutions: list[str], width
     return out
 
 
+@dataclass(frozen=True)
+class ReplayGap:
+    """How far replayed log-probs are from the rollout's, and where the worst token is (docs/method.md, "Replay
+    check"). The check bounds ``prob``: a token's probability gap ``|p_replay - p_rollout|`` is at most ``p`` times its
+    log-prob gap, so float noise in the log-prob of an unlikely sampled token (large, measured) barely moves it,
+    while a replay that feeds the wrong context or state moves the probabilities of likely tokens."""
+
+    prob: float = 0.0  # largest |exp(replay) - exp(rollout)| over valid tokens
+    logprob: float = 0.0  # largest |replay - rollout| log-prob gap (reported, not checked)
+    row: int = -1  # the worst token (by probability gap): row of the step's rollouts, completion column
+    col: int = -1
+    rollout_logprob: float = float("nan")
+    replay_logprob: float = float("nan")
+
+    def __or__(self, other: ReplayGap) -> ReplayGap:
+        worst = self if self.prob >= other.prob else other
+        return ReplayGap(worst.prob, max(self.logprob, other.logprob), worst.row, worst.col, worst.rollout_logprob,
+                         worst.replay_logprob)
+
+
+def replay_gap(lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor, row0: int = 0, col0: int = 0) -> ReplayGap:
+    """The :class:`ReplayGap` of one chunk: ``lp``, ``old_lp``, ``mask`` ``[B, n]``, rows from ``row0``, columns from
+    ``col0`` of the step's rollouts."""
+    valid = mask.bool()
+    if not valid.any():
+        return ReplayGap()
+    lp = lp.detach().float()
+    dp = torch.where(valid, (lp.exp() - old_lp.exp()).abs(), -1.0)
+    b, t = divmod(int(dp.argmax()), dp.shape[1])
+    return ReplayGap(float(dp[b, t]), float((lp - old_lp).abs()[valid].max()), row0 + b, col0 + t,
+                     float(old_lp[b, t]), float(lp[b, t]))
+
+
 @dataclass
 class ChunkTotals:
     """What one optimizer step adds up over its replay chunks (the trainer logs it)."""
 
     loss: float = 0.0
-    max_gap: float = 0.0  # largest |replay - rollout| log-prob gap, for the first-step check
+    gap: ReplayGap = ReplayGap()  # for the replay check
     stats: GRPOStats | None = None
 
-    def add(self, loss: torch.Tensor, gap: float, stats: GRPOStats | None = None) -> None:
+    def add(self, loss: torch.Tensor, gap: ReplayGap, stats: GRPOStats | None = None) -> None:
         self.loss += float(loss.detach())
-        self.max_gap = max(self.max_gap, gap)
+        self.gap = self.gap | gap
         if stats is not None:
             self.stats = stats if self.stats is None else self.stats + stats
 
 
-def _gap(lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor) -> float:
-    valid = mask.bool()
-    return float((lp.detach() - old_lp).abs()[valid].max()) if valid.any() else 0.0
-
-
 def grpo_chunk(lp: torch.Tensor, old_lp: torch.Tensor, ref_lp: torch.Tensor | None, advantages: torch.Tensor,
                mask: torch.Tensor, weights: torch.Tensor, cfg: GRPOLossConfig,
-               exact_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats, float]:
-    """The GRPO loss of one replay chunk (:func:`pte.grpo.per_token_objective` times the step's token weights).
+               exact_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
+    """The GRPO loss of one replay chunk (:func:`pte.training.grpo.per_token_objective` times the step's token weights).
 
     Args:
         lp, old_lp, ref_lp, mask, weights: ``[B, n]`` the chunk's columns (``ref_lp`` None without a k3 KL).
         advantages: ``[B]``. exact_kl: ``[B, n]`` the exact KL per position (``grpo.kl_estimator: exact``) or None.
 
     Returns:
-        ``(loss, stats, largest |replay - rollout| gap)``.
+        ``(loss, stats)``.
     """
     obj, stats = per_token_objective(lp, old_lp, ref_lp, advantages, mask, cfg, exact_kl=exact_kl)
-    return (obj * weights).sum(), stats, _gap(lp, old_lp, mask)
+    return (obj * weights).sum(), stats
 
 
 @dataclass
@@ -116,7 +146,7 @@ class SFTBatch:
 def sft_batch(tokenizer, prompts: list[str], problems: list[str], solutions: list[str], system: str | None,
               eos_id: int, device: torch.device | str = "cpu") -> SFTBatch:
     """Encode an ``sft`` step: chat-templated prompts (as rollouts encode them) and their worked solutions."""
-    from pte.inference import encode_prompts
+    from pte.engine.inference import encode_prompts
 
     ids, pmask = encode_prompts(tokenizer, prompts, device=device, system=system)
     tokens, mask = completion_tokens(tokenizer, solutions, eos_id, tokenizer.pad_token_id, device)
@@ -152,17 +182,6 @@ def sft_weights(mask: torch.Tensor, recall: torch.Tensor, recall_weight: float) 
     return valid.float() + (recall_weight - 1.0) * (recall & valid).float()
 
 
-def distill_chunk(lp: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor, old_lp: torch.Tensor,
-                  mask: torch.Tensor, beta: float, num_tokens: float, temperature: float) -> tuple[torch.Tensor, float]:
-    """The ``distill`` loss of one replay chunk and its largest |replay - rollout| log-prob gap (for the check).
-
-    Args:
-        lp, old_lp: ``[B, n]`` replayed and rollout log-probs of the sampled tokens. logits, teacher_logits:
-            ``[B, n, V]``. mask: ``[B, n]``. beta, num_tokens, temperature: as :func:`jsd_loss`.
-    """
-    return jsd_loss(logits, teacher_logits, mask, beta, num_tokens, temperature), _gap(lp, old_lp, mask)
-
-
 def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,
              num_tokens: float, temperature: float = 1.0) -> torch.Tensor:
     """TRL's generalized JSD (``GKDTrainer.generalized_jsd_loss``), summed over valid positions / ``num_tokens``.
@@ -193,9 +212,9 @@ class FullCacheTeacher:
     """The adapter-disabled, full-cache model, fed chunk by chunk in step with a student's replay.
 
     ``logits(cols)`` returns the teacher's logits ``[B, len(cols), V]`` for the completion columns ``cols`` of a
-    replay chunk (:func:`pte.replay.replay_chunks`): the prompt block too for the first chunk (``cols.start == 0``),
-    then the tokens fed before each column. Chunks must come in order. Its cache keeps every token (the teacher sees
-    the whole thought); it holds no vocabulary-sized tensor beyond the chunk it returns.
+    replay chunk (:func:`pte.engine.replay.replay_chunks`): the prompt block too for the first chunk (``cols.start ==
+    0``), then the tokens fed before each column. Chunks must come in order. Its cache keeps every token (the teacher
+    sees the whole thought); it holds no vocabulary-sized tensor beyond the chunk it returns.
 
     Args:
         model: the policy; its adapters are switched off for every teacher forward.

@@ -14,9 +14,10 @@ import socket
 import torch
 
 from pte.config import TrainConfig
+from pte.engine.rollout import Rollout, pad_rollout
 
-__all__ = ["Runtime", "init_engine", "is_main", "peak_memory_bytes", "rank", "seed_everything", "shutdown_distributed",
-           "world_size"]
+__all__ = ["Runtime", "align_ranks", "all_reduce", "init_engine", "is_main", "left_pad", "peak_memory_bytes", "rank",
+           "seed_everything", "shutdown_distributed", "world_size"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ def init_engine(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime):
 
     ZeRO-2 reduces and ZeRO-3 also gathers weights inside every backward/forward, so with several processes every rank
     must run the same sequence of forwards and backward passes (same rollout length and number of segments): the
-    trainer decodes with ``generate(sync_ranks=True)`` and pads every rank's rollout alike (``pte.train.align_ranks``).
+    trainer decodes with ``generate(sync_ranks=True)`` and pads every rank's rollout alike
+    (:func:`align_ranks`).
     """
     import deepspeed
 
@@ -205,3 +207,44 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Element-wise ``sum`` or ``max`` over the ranks (one all-reduce in float64; exact for integers below 2**53)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    reduce_op = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(t, op=reduce_op.MAX if op == "max" else reduce_op.SUM)
+    return t.tolist()
+
+
+def left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widen a left-padded prompt block to ``length`` columns (more masked padding on the left)."""
+    extra = length - ids.shape[1]
+    if extra <= 0:
+        return ids, mask
+    return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], dim=1),
+            torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1))
+
+
+def align_ranks(chunks: list[Rollout], pad_token_id: int, device: torch.device) -> list[Rollout]:
+    """Pad each rollout chunk to the longest completion of the same chunk on any rank (a no-op in one process).
+
+    ZeRO-3 gathers the partitioned weights in every forward (and again in every backward), ZeRO-2 reduces in every
+    backward: all ranks must run the same sequence of forwards and backwards. Replay runs one chunk per segment
+    (:func:`pte.engine.replay.replay_chunks`), a pure function of the cache plan and the column count, and one replay
+    per micro-batch. The trainer gives every rank the same prompt block (so the same plan) and the same row counts; here
+    the column counts are made equal. Padded columns are masked: zero weight, no change to the loss or gradient.
+    """
+    if world_size() == 1:
+        return chunks
+    layout = [float(v) for c in chunks for v in (c.tokens.shape[0], c.plan.prompt_len, c.plan.window or 0,
+                                                  c.plan.evict)]
+    got = all_reduce([float(c.tokens.shape[1]) for c in chunks] + layout + [-v for v in layout], device, "max")
+    n = len(chunks)
+    hi, lo = got[n : n + len(layout)], [-v for v in got[n + len(layout) :]]
+    if hi != lo:  # the same verdict on every rank, so all of them stop here instead of deadlocking later
+        raise RuntimeError(f"rank {rank()}: the ranks' rollouts differ in rows or cache plan (rows, P, W, e per chunk: "
+                           f"max {hi}, min {lo}); they would run different numbers of forward/backward passes.")
+    return [pad_rollout(c, int(length), pad_token_id) for c, length in zip(chunks, got[:n], strict=True)]

@@ -1,20 +1,22 @@
-"""The cache-aware GRPO training loop on a DeepSpeed engine (paper Eq. 3; docs/method.md, "Loss and training").
+"""The cache-aware training loop on a DeepSpeed engine (docs/method.md, "Loss and training", "Objectives").
 
-One step: pick prompts -> sample a group of completions per prompt under the method's cache (bounded
-for ``lora_c`` and PTE, full for ``lora``) -> rewards -> group advantages -> replay every completion
-under the same eviction schedule, computing the GRPO loss segment by segment and backpropagating each
-segment at once -> one optimizer step. The reference for the KL term is the same model with its
-adapters switched off, with a full cache by default (``grpo.kl_cache``).
+One step of ``grpo`` (the paper's Eq. 3): pick prompts -> sample a group of completions per prompt under the method's
+cache (bounded for ``lora_c`` and PTE, full for ``lora``) -> rewards -> group advantages -> replay every completion
+under the same eviction schedule, computing the loss segment by segment and backpropagating each segment at once ->
+one optimizer step. On-policy ``distill`` samples the same way and pulls every sampled position toward the
+adapter-disabled, full-cache model; ``sft`` and ``distill`` on ``solutions`` replay worked solutions instead of
+rollouts (no sampling). The per-chunk losses are :mod:`pte.training.objectives`.
 
-Safety: on the first step the replay log-probs are checked against the rollout log-probs; a NaN/inf
-reward or loss stops the run before the optimizer step, naming the step, and the last good checkpoint
-is left as it was. Checkpoints are atomic and a restarted run resumes from the latest one bit-exactly.
+Safety: every rollout step checks replay against rollout log-probs (a probability gap, naming the worst token); a
+NaN/inf reward or loss stops the run before the optimizer step, naming the step, and the last good checkpoint is left
+as it was. Checkpoints are atomic and a restarted run resumes from the latest one bit-exactly.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -23,7 +25,11 @@ from pathlib import Path
 
 import torch
 
-from pte.adapters import (
+from pte.config import CacheConfig, Params
+from pte.config.training import learning_rate, recall_weight
+from pte.data.rewards import reward_function
+from pte.data.tasks import recall_score
+from pte.engine.adapters import (
     adapter_state_dict,
     adapters_disabled,
     attach_adapter,
@@ -31,30 +37,38 @@ from pte.adapters import (
     save_adapter,
     trains_with_bounded_cache,
 )
-from pte.cache import CachePlan, plan_cache
-from pte.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pte.config import CacheConfig, Params
-from pte.config_training import learning_rate, recall_weight
-from pte.grpo import GRPOLossConfig, group_advantages, token_weights
-from pte.inference import completion_ids, decode_completion, encode_prompts, eos_ids
-from pte.models import load_model
-from pte.objectives import (
+from pte.engine.cache import CachePlan, plan_cache
+from pte.engine.inference import completion_ids, decode_completion, encode_prompts, eos_ids
+from pte.engine.models import load_model
+from pte.engine.replay import replay_logprobs
+from pte.engine.rollout import Rollout, generate
+from pte.pipeline.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from pte.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pte.training.grpo import GRPOLossConfig, group_advantages, token_weights
+from pte.training.objectives import (
     ChunkTotals,
     FullCacheTeacher,
-    distill_chunk,
+    ReplayGap,
     grpo_chunk,
     jsd_loss,
+    replay_gap,
     sft_batch,
     sft_chunk,
     sft_weights,
     token_kl,
 )
-from pte.replay import replay_logprobs
-from pte.rewards import reward_function
-from pte.rollout import Rollout, generate, pad_rollout
-from pte.runtime import Runtime, init_engine, is_main, peak_memory_bytes, rank, seed_everything, world_size
-from pte.tasks import recall_score
-from pte.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
+from pte.training.runtime import (
+    Runtime,
+    align_ranks,
+    all_reduce,
+    init_engine,
+    is_main,
+    left_pad,
+    peak_memory_bytes,
+    rank,
+    seed_everything,
+    world_size,
+)
 
 __all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
 
@@ -81,47 +95,6 @@ def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]
     return out
 
 
-def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    """Element-wise ``sum`` or ``max`` over the ranks (one all-reduce in float64; exact for integers below 2**53)."""
-    if world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    reduce_op = torch.distributed.ReduceOp
-    torch.distributed.all_reduce(t, op=reduce_op.MAX if op == "max" else reduce_op.SUM)
-    return t.tolist()
-
-
-def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Widen a left-padded prompt block to ``length`` columns (more masked padding on the left)."""
-    extra = length - ids.shape[1]
-    if extra <= 0:
-        return ids, mask
-    return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], dim=1),
-            torch.cat([mask.new_zeros(mask.shape[0], extra), mask], dim=1))
-
-
-def align_ranks(chunks: list[Rollout], pad_token_id: int, device: torch.device) -> list[Rollout]:
-    """Pad each rollout chunk to the longest completion of the same chunk on any rank (a no-op in one process).
-
-    ZeRO-3 gathers the partitioned weights in every forward (and again in every backward), ZeRO-2 reduces in every
-    backward: all ranks must run the same sequence of forwards and backwards. Replay runs one chunk per segment
-    (:func:`pte.replay.replay_chunks`), a pure function of the cache plan and the column count, and one replay per
-    micro-batch. The trainer gives every rank the same prompt block (so the same plan) and the same row counts;
-    here the column counts are made equal. Padded columns are masked: zero weight, no change to the loss or gradient.
-    """
-    if world_size() == 1:
-        return chunks
-    layout = [float(v) for c in chunks for v in (c.tokens.shape[0], c.plan.prompt_len, c.plan.window or 0,
-                                                  c.plan.evict)]
-    got = _all_reduce([float(c.tokens.shape[1]) for c in chunks] + layout + [-v for v in layout], device, "max")
-    n = len(chunks)
-    hi, lo = got[n : n + len(layout)], [-v for v in got[n + len(layout) :]]
-    if hi != lo:  # the same verdict on every rank, so all of them stop here instead of deadlocking later
-        raise RuntimeError(f"rank {rank()}: the ranks' rollouts differ in rows or cache plan (rows, P, W, e per chunk: "
-                           f"max {hi}, min {lo}); they would run different numbers of forward/backward passes.")
-    return [pad_rollout(c, int(length), pad_token_id) for c, length in zip(chunks, got[:n], strict=True)]
-
-
 class Trainer:
     """Holds the engine and everything one step needs; ``run`` drives the loop."""
 
@@ -137,6 +110,7 @@ class Trainer:
         self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
         self.problems, self.solutions = problems, solutions
         self._recall: list[float] | None = None  # [recalled right, recalls] of the step's rollouts
+        self._rows: list[int] = []  # the training rows of the current step (this rank's share)
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn or reward_function(params.grpo)
         cfg = params.train
@@ -173,8 +147,8 @@ class Trainer:
             ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device,
                                        system=self.params.data.system_prompt)
             if world_size() > 1:  # one prompt block width on all ranks: the same cache plan, so the same replay chunks
-                width = int(_all_reduce([float(ids.shape[1])], self.runtime.device, "max")[0])
-                ids, mask = _left_pad(ids, mask, width, self.tok.pad_token_id)
+                width = int(all_reduce([float(ids.shape[1])], self.runtime.device, "max")[0])
+                ids, mask = left_pad(ids, mask, width, self.tok.pad_token_id)
             seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
             gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
             out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
@@ -203,7 +177,7 @@ class Trainer:
         rows = sum(c.tokens.shape[0] for c in chunks)
         tokens = sum(float(c.mask.sum()) for c in chunks)
         world = world_size()
-        num_seq, num_tok = (x / world for x in _all_reduce([float(rows), tokens], dev))
+        num_seq, num_tok = (x / world for x in all_reduce([float(rows), tokens], dev))
         totals, offset = ChunkTotals(), 0
         exact = self.params.grpo.kl_estimator == "exact" and self.loss_cfg.beta > 0
         for out in chunks:
@@ -216,19 +190,21 @@ class Trainer:
                 teacher = FullCacheTeacher(self.model, out.prompt_ids[sl], out.prompt_mask[sl],
                                            out.tokens[sl]) if exact else None
 
-                def on_segment(cols, lp, logits=None, sl=sl, out=out, w=weights, ref=ref, adv=adv, teacher=teacher):
+                def on_segment(cols, lp, logits=None, sl=sl, out=out, w=weights, ref=ref, adv=adv, teacher=teacher,
+                               row0=offset + m):
                     kl = None if teacher is None else token_kl(logits, teacher.logits(cols), temp)
-                    loss, stats, gap = grpo_chunk(lp, out.logprobs[sl, cols], None if ref is None else ref[:, cols],
-                                                  adv, out.mask[sl, cols], w[sl, cols], self.loss_cfg, kl)
+                    loss, stats = grpo_chunk(lp, out.logprobs[sl, cols], None if ref is None else ref[:, cols], adv,
+                                             out.mask[sl, cols], w[sl, cols], self.loss_cfg, kl)
                     self._backward(loss)
-                    totals.add(loss, gap, stats)
+                    totals.add(loss, replay_gap(lp, out.logprobs[sl, cols], out.mask[sl, cols], row0, cols.start),
+                               stats)
 
                 replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], out.mask[sl],
                                 out.plan, temp, on_segment=on_segment, with_logits=exact)
             offset += out.tokens.shape[0]
-        max_diff = self._check_replay(totals.max_gap, check)
+        replay = self._check_replay(totals.gap, check)
         self.engine.step()
-        result = {"loss": totals.loss, "replay/max_abs_diff": max_diff}
+        result = {"loss": totals.loss, **replay}
         if totals.stats is not None:
             result.update(totals.stats.as_dict())
         return result
@@ -246,7 +222,7 @@ class Trainer:
         w_recall = 1.0 if distill else recall_weight(cfg, self.step)
         nll_weight = cfg.distill_nll_weight if distill else 1.0
         weight = float(sft_weights(batch.mask, batch.recall, w_recall).sum())
-        num_tok, weight = _all_reduce([float(batch.mask.sum()), weight], dev)
+        num_tok, weight = all_reduce([float(batch.mask.sum()), weight], dev)
         sums = torch.zeros(5, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens, divergence
 
         for m in range(0, len(rows), cfg.micro_batch):
@@ -268,7 +244,7 @@ class Trainer:
             replay_logprobs(self.model, batch.prompt_ids[sl], batch.prompt_mask[sl], batch.tokens[sl],
                             batch.mask[sl], plan, 1.0, on_segment=on_segment, with_logits=True)
         self.engine.step()
-        nll, r_nll, r_hits, r_n, div = _all_reduce(sums.tolist(), dev)
+        nll, r_nll, r_hits, r_n, div = all_reduce(sums.tolist(), dev)
         out = {"loss": nll / num_tok, "completions/mean_length": num_tok / max(1, len(rows) * world_size())}
         if distill:
             out.update({"loss": div + nll_weight * nll / num_tok, "nll": nll / num_tok, "distill/divergence": div})
@@ -280,38 +256,45 @@ class Trainer:
         """One step of on-policy distillation toward the adapter-disabled full-cache model, chunk by chunk."""
         cfg, dev, temp = self.params.train, self.runtime.device, self.params.grpo.temperature
         chunks = align_ranks(chunks, self.tok.pad_token_id, dev)
-        num_tok = _all_reduce([sum(float(c.mask.sum()) for c in chunks)], dev)[0]
-        totals = ChunkTotals()
+        num_tok = all_reduce([sum(float(c.mask.sum()) for c in chunks)], dev)[0]
+        totals, offset = ChunkTotals(), 0
         for out in chunks:
             for m in range(0, out.tokens.shape[0], cfg.micro_batch):
                 sl = slice(m, m + cfg.micro_batch)
                 teacher = FullCacheTeacher(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl])
 
-                def on_segment(cols, lp, logits, sl=sl, teacher=teacher, out=out):
-                    loss, gap = distill_chunk(lp, logits, teacher.logits(cols), out.logprobs[sl, cols],
-                                              out.mask[sl, cols], cfg.distill_beta, num_tok, temp)
+                def on_segment(cols, lp, logits, sl=sl, teacher=teacher, out=out, row0=offset + m):
+                    old, mask = out.logprobs[sl, cols], out.mask[sl, cols]
+                    loss = jsd_loss(logits, teacher.logits(cols), mask, cfg.distill_beta, num_tok, temp)
                     self._backward(loss)
-                    totals.add(loss, gap)
+                    totals.add(loss, replay_gap(lp, old, mask, row0, cols.start))
 
                 replay_logprobs(self.model, out.prompt_ids[sl], out.prompt_mask[sl], out.tokens[sl], out.mask[sl],
                                 out.plan, temp, on_segment=on_segment, with_logits=True)
-        max_diff = self._check_replay(totals.max_gap, check)
+            offset += out.tokens.shape[0]
+        replay = self._check_replay(totals.gap, check)
         self.engine.step()
-        total = _all_reduce([totals.loss], dev)[0]
-        return {"loss": total, "distill/divergence": total, "replay/max_abs_diff": max_diff}
+        total = all_reduce([totals.loss], dev)[0]
+        return {"loss": total, "distill/divergence": total, **replay}
 
-    def _check_replay(self, max_diff: float, check: bool) -> float:
-        """The largest |replay - rollout| log-prob gap over the ranks; raises on the checked step when it is too big."""
+    def _check_replay(self, gap: ReplayGap, check: bool) -> dict[str, float]:
+        """The step's replay gaps over the ranks (``replay/*`` metrics); on the checked step, raises when the largest
+        probability gap exceeds the tolerance, naming the worst token."""
         # every rank takes the same decision (a lone raise would deadlock the others)
-        max_diff = _all_reduce([max_diff], self.runtime.device, "max")[0]
+        prob, logprob = all_reduce([gap.prob, gap.logprob], self.runtime.device, "max")
         key, tolerance = self.replay_tolerance()
-        if check and max_diff > tolerance:
+        if check and prob > tolerance:
+            g = self.params.grpo.num_generations
+            where = (f"training row {self._rows[gap.row // g]} (sample {gap.row % g}), completion token {gap.col}: "
+                     f"probability {math.exp(gap.rollout_logprob):.4g} in the rollout, "
+                     f"{math.exp(gap.replay_logprob):.4g} in the replay" if gap.prob == prob else "another rank")
             raise ReplayMismatchError(
-                f"step {self.step}: replay log-probs differ from rollout log-probs by up to {max_diff:.2e} "
-                f"(> train.{key} = {tolerance:g}, precision {self.runtime.precision}); the bounded cache is not "
-                "reproduced in training. Use fp32 (train.precision: fp32) to check, and report the model family if "
-                "it persists.")
-        return max_diff
+                f"step {self.step}: replay log-probs differ from rollout log-probs: a token's probability moved by "
+                f"{prob:.2e} (> train.{key} = {tolerance:g}, precision {self.runtime.precision}) at {where}. The "
+                "replay does not reproduce the rollout's cache or state (an eviction, a position or a state update "
+                "differs), so the loss would train another policy. Check in fp32 (train.precision: fp32); if it "
+                "persists, report the model family and this message.")
+        return {"replay/max_prob_diff": prob, "replay/max_abs_diff": logprob}
 
     def replay_tolerance(self) -> tuple[str, float]:
         """``(setting, value)`` of the replay check's bound for this run's precision (bf16 rounds far more)."""
@@ -329,14 +312,14 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.params.train
         rows = select_rows(len(self.prompts), self.step, cfg.prompts_per_step, self.params.base.seed)
-        rows = rows[rank()::world_size()]
+        rows = self._rows = rows[rank()::world_size()]
         t0 = time.perf_counter()
         lr = learning_rate(cfg, self.step)
         for group in self.engine.optimizer.param_groups:  # set before this step's engine.step()
             group["lr"] = lr
         if cfg.teacher_forced():
             metrics = self._sft_update(rows)
-            metrics.update({"lr": lr, "timing/update_s": time.perf_counter() - t0, "timing/rollout_s": 0.0,
+            metrics.update({"lr": lr, "timing/update_s": time.perf_counter() - t0,
                             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device))})
             return metrics
         self._recall = None
@@ -347,7 +330,7 @@ class Trainer:
                                         "the optimizer step (the last checkpoint is untouched).")
         g = self.params.grpo.num_generations
         adv = group_advantages(rewards, g, scale=self.params.grpo.scale_rewards)
-        check = self.params.train.check_replay and self.step == self.first_step
+        check = self.params.train.check_replay
         if cfg.objective == "distill":
             metrics = self._distill_update(chunks, check)
         else:
@@ -366,7 +349,7 @@ class Trainer:
             "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1, "lr": lr,
         })
         if self._recall is not None:
-            hits, total = _all_reduce(self._recall, self.runtime.device)
+            hits, total = all_reduce(self._recall, self.runtime.device)
             if total:
                 metrics["recall/accuracy"] = hits / total
         return metrics
@@ -424,7 +407,7 @@ class Trainer:
             shown = {"sft": ("loss", "recall/token_accuracy"), "distill": ("reward", "distill/divergence")}.get(
                 cfg.objective, ("reward", "kl"))
             bar.set_postfix({k.rsplit("/", 1)[-1]: f"{last[k]:.4f}" for k in shown if k in last},
-                            s=f"{last['timing/rollout_s'] + last['timing/update_s']:.1f}")
+                            s=f"{last.get('timing/rollout_s', 0.0) + last['timing/update_s']:.1f}")
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self._checkpoint()
         bar.close()

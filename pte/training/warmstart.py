@@ -2,8 +2,8 @@
 
 GRPO needs a policy that already solves some problems in the expected format (the paper starts from models that
 reason). A 135M instruct model does not, so the CPU demo first fine-tunes it on solutions written by program
-(:func:`pte.tasks.worked_solution`) for the problems of ``data.warmstart`` (disjoint from the train and eval
-problems, see ``pte.data``), in the model's own chat format, ending with ``\\boxed{answer}``.
+(:func:`pte.data.tasks.worked_solution`) for the problems of ``data.warmstart`` (disjoint from the train and eval
+problems, see ``pte.data.rows``), in the model's own chat format, ending with ``\\boxed{answer}``.
 
 It is full fine-tuning with TRL's ``SFTTrainer`` (loss on the completion tokens only, AdamW, linear warm-up then
 cosine decay). The result is a plain HF directory that every later stage uses as "the base". On CPU, with the same
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pte.config import WarmstartConfig
-from pte.data import DataConfig, Row, chat_messages
-from pte.tasks import worked_solutions
+from pte.data.rows import DataConfig, Row, chat_messages
+from pte.data.tasks import worked_solutions
 
 __all__ = ["DISABLED_MARKER", "resolve_base", "sft_examples", "warmstart", "write_disabled"]
 
@@ -73,7 +73,7 @@ def warmstart(base: str | Path, rows: Sequence[Row], cfg: WarmstartConfig, data_
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pte.models import load_model, save_hf
+    from pte.engine.models import load_model, save_hf
 
     if not rows:
         raise ValueError("warmstart: no problems to fine-tune on (data/warmstart.jsonl is empty); list sources in "
