@@ -132,3 +132,11 @@ for seed in 0 1 2; do
     $V9 --tag d4-DS-fkl-wsd3e-3-d30-90-seed$seed --methods $method $SFT $SM $M $DS --set base.seed=$seed
   done
 done
+# Eviction-weighted sft (train.sft_eviction_weight, no task label): M's schedule with the oracle recall weight 100
+# replaced by 1 + 33 * max(0, the frozen base's eviction sensitivity) for 60 steps (a recall token's sensitivity is
+# about 3 nats, so it weighs about 100, as in M), then 30 plain steps with the decay. Seed 0 and its LoRA_c twin.
+EW="--set train.sft_recall_weight=1 --set train.sft_recall_steps=null --set train.sft_eviction_weight=33
+    --set train.sft_eviction_steps=60"
+for method in pte_no_global lora_c; do
+  $V9 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed0 --methods $method $SFT $SM $M $EW --set base.seed=0
+done

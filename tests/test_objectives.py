@@ -72,7 +72,7 @@ def test_sft_recall_weight_makes_a_weighted_token_mean():
     recall[0, 2] = recall[2, 4] = recall[1, 4] = True  # (1, 4) is padding: never counted
     for w in (1.0, 7.0, 0.0):
         weights = sft_weights(mask, recall, w)
-        loss, sums = sft_chunk(lp, logits, tokens, mask, recall, float(weights.sum()), w)
+        loss, sums = sft_chunk(lp, logits, tokens, mask, recall, float(weights.sum()), weights)
         nll = -lp[mask.bool()]
         rec = -torch.stack([lp[0, 2], lp[2, 4]])
         expected = (nll.sum() + (w - 1.0) * rec.sum()) / (mask.sum() + (w - 1.0) * 2)
@@ -269,3 +269,57 @@ def test_distill_on_solutions_is_zero_where_the_cache_is_full_and_teaches_bounde
         Trainer(params("distill", **kw), "pte", PROBLEMS, ANSWERS, tmp_path / "none")
     with pytest.raises(ValueError, match="distill_nll_weight"):
         params("distill", distill_nll_weight=1.0)
+
+
+def test_eviction_sensitivity_is_the_frozen_base_nll_gap_and_zero_without_eviction(one_thread):
+    """``log p_full - log p_bounded`` of the adapter-off model, teacher-forced; 0 on padding and when nothing is
+    evicted (the full cache computed independently: one cache-free forward of prompt + completion)."""
+    from pte.engine.adapters import adapters_disabled
+    from pte.engine.cache import plan_cache
+    from pte.engine.inference import encode_prompts
+    from pte.engine.replay import replay_logprobs
+    from pte.training.objectives import eviction_sensitivity
+
+    model, tok = tiny("llama-tiny-wide")
+    model = attach_adapter(model, "pte", AdapterConfig(rank=4, alpha=8.0), PTEConfig(global_tokens=4))
+    ids, pmask = encode_prompts(tok, PROBLEMS[:3])
+    tokens, mask = completion_tokens(tok, SOLUTIONS[:3], tok.eos_token_id, tok.pad_token_id)
+    plan = plan_cache(params("sft").cache, ids.shape[1])
+    sens = eviction_sensitivity(model, ids, pmask, tokens, mask, plan)
+    with torch.no_grad(), adapters_disabled(model):
+        bounded = replay_logprobs(model, ids, pmask, tokens, mask, plan)
+        seq = torch.cat([ids, tokens], 1)
+        full_mask = torch.cat([pmask, torch.ones_like(tokens)], 1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=seq, attention_mask=full_mask, position_ids=pos).logits[:, ids.shape[1] - 1 : -1]
+        full = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(sens, (full - bounded) * mask, atol=1e-4, rtol=0)
+    assert float((sens * (1 - mask)).abs().sum()) == 0 and sens.abs().max() > 1e-3
+    wide = plan_cache(dataclasses.replace(params("sft").cache, window=512), ids.shape[1])
+    assert eviction_sensitivity(model, ids, pmask, tokens, mask, wide).abs().max() < 1e-4
+
+
+def test_label_agreement_counts_by_hand():
+    from pte.training.objectives import label_agreement
+
+    sens = torch.tensor([[0.1, 2.0, 0.9, 0.0], [0.7, 0.2, 0.1, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    recall = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])  # row 1's 3.0 is padding
+    # rows with a recall: 2, top is a recall in both; above 0.5: 2.0, 0.9, 0.7 -> 2 of them recalls; 2 recalls
+    assert label_agreement(sens, recall, mask).tolist() == [2.0, 2.0, 3.0, 2.0, 2.0]
+
+
+def test_eviction_weighted_sft_logs_its_agreement_and_stops_after_its_steps(tmp_path, one_thread):
+    """``sft_eviction_weight`` weighs tokens by the base's own eviction sensitivity for ``sft_eviction_steps`` steps;
+    the recall label only measures how well that finds the recall tokens."""
+    from pte.config.training import eviction_weight
+
+    p = params("sft", steps=3, sft_eviction_weight=30.0, sft_eviction_steps=2)
+    assert [eviction_weight(p.train, s) for s in range(3)] == [30.0, 30.0, 0.0]
+    assert eviction_weight(params("distill", sft_eviction_weight=30.0).train, 0) == 0.0  # sft only
+    train(p, "pte", PROBLEMS, ANSWERS, tmp_path, progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
+    hist = read_metrics(tmp_path / "metrics.jsonl")
+    assert hist[0]["eviction/weight_mean"] > 1.0 and 0.0 <= hist[0]["eviction/recall"] <= 1.0
+    assert "eviction/recall_is_top" in hist[0] and "eviction/weight_mean" not in hist[2]
+    with pytest.raises(ValueError, match="sft_eviction_weight"):
+        params("sft", sft_eviction_weight=-1.0)

@@ -13,8 +13,8 @@ from pte.config.engine import SamplingConfig
 from pte.config.methods import METHODS
 from pte.config.schema import check_range, fail
 
-__all__ = ["LOSS_TYPES", "GRPOConfig", "TrainConfig", "WarmstartConfig", "check_loss_settings", "learning_rate",
-           "recall_weight"]
+__all__ = ["LOSS_TYPES", "GRPOConfig", "TrainConfig", "WarmstartConfig", "check_loss_settings", "eviction_weight",
+           "learning_rate", "recall_weight"]
 
 
 LOSS_TYPES: tuple[str, ...] = ("grpo", "dapo", "dr_grpo")
@@ -176,6 +176,13 @@ class TrainConfig:
     """Weight of a recall token after the first ``sft_recall_steps`` steps. 1 makes the second phase the plain NLL,
     which can erase part of what the weighted phase taught; 10 kept the recall but left the other tokens unrepaired
     (research/log.md, "Eighth study session")."""
+    sft_eviction_weight: float = 0.0
+    """alpha of eviction-weighted ``sft`` (not the paper): each reference token weighs ``1 + alpha * max(0, d)`` in the
+    loss, with ``d`` the frozen base's eviction sensitivity at that token (its NLL under the training cache minus
+    under a full cache, adapters off): near 0 where the window suffices, large where an evicted thought is needed. A
+    signal every task has, the task-agnostic form of ``sft_recall_weight``; 0 = off."""
+    sft_eviction_steps: int | None = None
+    """Steps, from the first, that use ``sft_eviction_weight``; later steps are the plain NLL. None = every step."""
     distill_beta: float = 1.0
     """Generalized-JSD interpolation of ``distill``: 1 = KL(student || teacher) (the KL of Eq. 3), 0 =
     KL(teacher || student), in between = the JSD of GKD."""
@@ -220,6 +227,9 @@ class TrainConfig:
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
         check_range("train.sft_recall_weight", self.sft_recall_weight, 0.0)
         check_range("train.distill_nll_weight", self.distill_nll_weight, 0.0)
+        check_range("train.sft_eviction_weight", self.sft_eviction_weight, 0.0)
+        if self.sft_eviction_steps is not None:
+            check_range("train.sft_eviction_steps", self.sft_eviction_steps, 0)
         if self.distill_nll_weight and not (self.objective == "distill" and self.teacher_forced()):
             raise ValueError(f"params: `train.distill_nll_weight` = {self.distill_nll_weight} needs `train.objective: "
                              "distill` with `train.distill_source: solutions`; set them or remove the key.")
@@ -281,6 +291,14 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     n = cfg.lr_decay_steps or cfg.steps
     k = min(max(step - (cfg.steps - n), 0), n)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * k / n))
+
+
+def eviction_weight(cfg: TrainConfig, step: int) -> float:
+    """The ``sft`` eviction weight alpha at optimizer step ``step``: ``sft_eviction_weight`` for the first
+    ``sft_eviction_steps`` steps (all of them when None), then 0."""
+    if cfg.objective != "sft" or (cfg.sft_eviction_steps is not None and step >= cfg.sft_eviction_steps):
+        return 0.0
+    return cfg.sft_eviction_weight
 
 
 def recall_weight(cfg: TrainConfig, step: int) -> float:

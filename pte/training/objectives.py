@@ -27,11 +27,12 @@ from torch import nn
 from pte.data.tasks import recall_spans
 from pte.engine.adapters import adapters_disabled
 from pte.engine.cache import BoundedCache, CachePlan
-from pte.engine.replay import chunk_logits
+from pte.engine.replay import chunk_logits, replay_logprobs
 from pte.training.grpo import GRPOLossConfig, GRPOStats, per_token_objective
 
-__all__ = ["ChunkTotals", "FullCacheTeacher", "ReplayGap", "SFTBatch", "completion_tokens", "grpo_chunk",
-           "jsd_loss", "recall_positions", "replay_gap", "sft_batch", "sft_chunk", "sft_weights", "token_kl"]
+__all__ = ["ChunkTotals", "FullCacheTeacher", "ReplayGap", "SFTBatch", "completion_tokens", "eviction_sensitivity",
+           "grpo_chunk", "jsd_loss", "label_agreement", "recall_positions", "replay_gap", "sft_batch", "sft_chunk",
+           "sft_token_weights", "sft_weights", "token_kl"]
 
 
 def completion_tokens(tokenizer, solutions: list[str], eos_id: int, pad_id: int,
@@ -155,13 +156,14 @@ def sft_batch(tokenizer, prompts: list[str], problems: list[str], solutions: lis
 
 
 def sft_chunk(lp: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, recall: torch.Tensor,
-              num_tokens: float, recall_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              num_tokens: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``sft`` loss of one replay chunk and its recall counts.
 
     Args:
         lp: ``[B, n]`` log-probs of the reference tokens. logits: ``[B, n, V]``. tokens, mask, recall: ``[B, n]``
-            the chunk's columns. num_tokens: the step's total token weight (:func:`sft_weights` summed; the loss is a
-            weighted token mean over the step). recall_weight: the weight of a recall token (others weigh 1).
+            the chunk's columns. num_tokens: the step's total token weight (the loss is a weighted token mean over
+            the step). weights: ``[B, n]`` token weights (:func:`sft_weights`, plus eviction weights); None = 1 per
+            valid token (the plain NLL).
 
     Returns:
         ``loss`` (scalar, with graph) and ``[4]`` float64 sums: NLL, recall NLL, recall hits (argmax), recalls.
@@ -172,14 +174,58 @@ def sft_chunk(lp: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor, mask
     hits = (logits.detach().argmax(-1) == tokens)[r]
     sums = torch.tensor([-float(lp_d[valid].sum()), -float(lp_d[r].sum()), float(hits.sum()), float(r.sum())],
                         dtype=torch.float64)
-    return -(lp * sft_weights(mask, recall, recall_weight)).sum() / num_tokens, sums
+    weights = valid.float() if weights is None else weights * valid
+    return -(lp * weights).sum() / num_tokens, sums
 
 
 def sft_weights(mask: torch.Tensor, recall: torch.Tensor, recall_weight: float) -> torch.Tensor:
     """``[B, T]`` float token weights of the ``sft`` loss: 1 per valid token, ``recall_weight`` per valid recall token
-    (``train.sft_recall_weight``), 0 on padding."""
+    (``train.sft_recall_weight``, an oracle label of ``var_chain``: a research setting), 0 on padding."""
     valid = mask.bool()
     return valid.float() + (recall_weight - 1.0) * (recall & valid).float()
+
+
+@torch.no_grad()
+def eviction_sensitivity(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+                         mask: torch.Tensor, plan: CachePlan) -> torch.Tensor:
+    """``[B, T]`` how much eviction costs the frozen base at each reference token, teacher-forced:
+    ``log p_full - log p_bounded`` (the NLL under ``plan`` minus the NLL under a full cache), adapters off, 0 on
+    padding. Near 0 where the window holds what a token needs, large where it needs an evicted thought: a per-token
+    signal any task has, the task-agnostic form of a recall label (docs/method.md, "Objectives")."""
+    with adapters_disabled(model):
+        bounded = replay_logprobs(model, prompt_ids, prompt_mask, tokens, mask, plan, 1.0)
+        full = replay_logprobs(model, prompt_ids, prompt_mask, tokens, mask, CachePlan(plan.prompt_len, None, 0), 1.0)
+    return (full - bounded) * mask
+
+
+def sft_token_weights(model: nn.Module, batch: SFTBatch, plan: CachePlan, weights: torch.Tensor, alpha: float,
+                      micro_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, T]`` token weights of a teacher-forced step: ``weights`` (:func:`sft_weights`) plus ``alpha * max(0, s)``
+    with ``s`` the :func:`eviction_sensitivity` (computed ``micro_batch`` rows at a time, only when ``alpha > 0``);
+    and ``s``'s :func:`label_agreement` with the recall labels (None when ``alpha`` is 0)."""
+    if alpha == 0.0:
+        return weights, None
+    sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + micro_batch],
+                                           batch.prompt_mask[a : a + micro_batch], batch.tokens[a : a + micro_batch],
+                                           batch.mask[a : a + micro_batch], plan)
+                      for a in range(0, batch.tokens.shape[0], micro_batch)])
+    return weights + alpha * sens.clamp(min=0.0), label_agreement(sens, batch.recall, batch.mask)
+
+
+def label_agreement(sensitivity: torch.Tensor, recall: torch.Tensor, mask: torch.Tensor,
+                    threshold: float = 0.5) -> torch.Tensor:
+    """How well :func:`eviction_sensitivity` finds the labelled recall tokens (a diagnostic; the label trains nothing).
+
+    Returns:
+        ``[5]`` float64 sums: rows with a recall token, those whose most sensitive token is one, tokens above
+        ``threshold`` nats, those that are recall tokens, recall tokens.
+    """
+    valid, r = mask.bool(), recall & mask.bool()
+    has = r.any(-1)
+    top = sensitivity.masked_fill(~valid, float("-inf")).argmax(-1)
+    above = (sensitivity > threshold) & valid
+    return torch.tensor([float(has.sum()), float((r.gather(1, top[:, None])[:, 0] & has).sum()), float(above.sum()),
+                         float((above & r).sum()), float(r.sum())], dtype=torch.float64)
 
 
 def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float,

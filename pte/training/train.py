@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pte.config import CacheConfig, Params
-from pte.config.training import learning_rate, recall_weight
+from pte.config.training import eviction_weight, learning_rate, recall_weight
 from pte.data.rewards import reward_function
 from pte.data.tasks import recall_score
 from pte.engine.adapters import (
@@ -54,6 +54,7 @@ from pte.training.objectives import (
     replay_gap,
     sft_batch,
     sft_chunk,
+    sft_token_weights,
     sft_weights,
     token_kl,
 )
@@ -221,8 +222,9 @@ class Trainer:
         distill = cfg.objective == "distill"
         w_recall = 1.0 if distill else recall_weight(cfg, self.step)
         nll_weight = cfg.distill_nll_weight if distill else 1.0
-        weight = float(sft_weights(batch.mask, batch.recall, w_recall).sum())
-        num_tok, weight = all_reduce([float(batch.mask.sum()), weight], dev)
+        weights, agreement = sft_token_weights(self.model, batch, plan, sft_weights(batch.mask, batch.recall, w_recall),
+                                               eviction_weight(cfg, self.step), cfg.micro_batch)
+        num_tok, weight = all_reduce([float(batch.mask.sum()), float(weights.sum())], dev)
         sums = torch.zeros(5, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens, divergence
 
         for m in range(0, len(rows), cfg.micro_batch):
@@ -232,7 +234,7 @@ class Trainer:
 
             def on_segment(cols, lp, logits, sl=sl, teacher=teacher):
                 nll, counts = sft_chunk(lp, logits, batch.tokens[sl, cols], batch.mask[sl, cols],
-                                        batch.recall[sl, cols], weight, w_recall)
+                                        batch.recall[sl, cols], weight, weights[sl, cols])
                 loss = nll * nll_weight
                 if teacher is not None:
                     div = jsd_loss(logits, teacher.logits(cols), batch.mask[sl, cols], cfg.distill_beta, num_tok)
@@ -250,6 +252,12 @@ class Trainer:
             out.update({"loss": div + nll_weight * nll / num_tok, "nll": nll / num_tok, "distill/divergence": div})
         if r_n:
             out.update({"recall/nll": r_nll / r_n, "recall/token_accuracy": r_hits / r_n})
+        if agreement is not None:
+            rows_r, top, above, hit, recalls = all_reduce(agreement.tolist(), dev)
+            out.update({"eviction/weight_mean": weight / num_tok,
+                        **({"eviction/recall_is_top": top / rows_r} if rows_r else {}),
+                        **({"eviction/precision": hit / above} if above else {}),
+                        **({"eviction/recall": hit / recalls} if recalls else {})})
         return out
 
     def _distill_update(self, chunks: list[Rollout], check: bool) -> dict[str, float]:
