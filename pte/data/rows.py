@@ -34,7 +34,7 @@ from pte.data.sources import HUB_SOURCES, ROW_FIELDS, Row, SourceSpec, check_spe
 
 __all__ = ["DataConfig", "HUB_SOURCES", "PROMPT_TEMPLATES", "Row", "SourceSpec", "build_splits", "chat_messages",
            "data_config_from_dict", "format_prompt", "normalize_problem", "prepare_data", "prompt_messages",
-           "read_jsonl", "write_jsonl"]
+           "read_jsonl", "write_json", "write_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,13 @@ def chat_messages(problem: str, cfg: DataConfig) -> list[dict[str, str]]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # JSONL
+
+
+def write_json(path: str | Path, data: Any, allow_nan: bool = True) -> None:
+    """Write ``data`` as indented, key-sorted JSON (a stable byte layout for DVC), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=allow_nan) + "\n")
 
 
 def write_jsonl(rows: Iterable[Row], path: str | Path) -> None:

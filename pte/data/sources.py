@@ -36,7 +36,7 @@ from typing import Any
 from pte.data.tasks import TASKS
 
 __all__ = ["HUB_SOURCES", "HubSource", "OFFLINE_SOURCES", "Row", "SourceSpec", "SourceUnavailableError",
-           "check_spec", "known_sources", "load_source"]
+           "check_spec", "hub_offline", "known_sources", "load_source"]
 
 RG_PREFIX = "reasoning_gym:"
 OFFLINE_SOURCES = ("champ", "var_chain", RG_PREFIX + "<dataset>")
@@ -316,8 +316,9 @@ def _champ(spec: SourceSpec, key: str) -> list[Row]:
 # Hub datasets and their local copies
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(k, "").strip().upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def hub_offline(keys: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> bool:
+    """Whether any of the HF offline variables ``keys`` is set true, read as huggingface_hub reads them."""
+    flags = (os.environ.get(k, "").strip().upper() for k in keys)
     return any(f in {"1", "ON", "YES", "TRUE"} for f in flags)
 
 
@@ -381,7 +382,7 @@ def _from_hub(name: str, hub: HubSource, spec: SourceSpec, key: str) -> list[dic
         ds = datasets.load_dataset(hub.path, hub.config, revision=revision, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         state = ("the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and it is not in the local HF cache"
-                 if _offline() else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                 if hub_offline() else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         raise SourceUnavailableError(f"data source {name!r} ({key}): cannot load {where}: {state}. "
                                      f"Fix: {fix}.") from None
     return ds.to_list()

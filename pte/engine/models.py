@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from pte.data.sources import hub_offline
+
 __all__ = ["SUPPORTED_MODEL_TYPES", "byte_tokenizer", "load_model", "load_tokenizer", "resolve_dtype", "save_hf"]
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ def _from_hub(cls, source: str, revision: str | None, **kwargs):
     try:
         return cls.from_pretrained(source, revision=revision, **kwargs)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        offline = hub_offline(("HF_HUB_OFFLINE",))
         hint = ("the hub is disabled (HF_HUB_OFFLINE=1) and the model is not in the local HF cache; download it on a "
                 "machine with network access or point model.source at a local directory"
                 if offline else "check the model id, the revision and the network")

@@ -43,10 +43,11 @@ import torch
 
 from pte.config import EvalConfig
 from pte.data.rewards import extract_answer, score
-from pte.data.rows import DataConfig, Row, format_prompt
+from pte.data.rows import DataConfig, Row, format_prompt, write_json
 from pte.data.tasks import recall_score
 from pte.engine.inference import Generator, completion_ids, decode_completion, encode_prompts, eos_ids
 from pte.engine.rollout import generate
+from pte.training.runtime import process_peak_rss_bytes
 
 __all__ = ["batch_seed", "bootstrap_ci", "budget_label", "evaluate_all", "evaluate_policy", "kv_bytes_per_token",
            "metrics_table", "pass_at_k", "plan_batches", "summarize"]
@@ -191,19 +192,6 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     return int(cfg.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).dtype.itemsize)
 
 
-def _process_peak_rss() -> int | None:
-    try:
-        import resource
-    except ImportError:  # not POSIX: the current RSS is the best available
-        try:
-            import psutil
-        except ImportError:
-            return None
-        return int(psutil.Process().memory_info().rss)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
-
-
 def _prompt_lengths(tokenizer, prompts: list[str], system: str | None, chunk: int = 256) -> list[int]:
     lengths: list[int] = []
     for s in range(0, len(prompts), chunk):
@@ -296,7 +284,7 @@ def evaluate_policy(generator: Generator, rows: list[Row], budget: int | None, c
     bar.close()
     records = [r for i in sorted(by_problem) for r in by_problem[i]]
     metrics = summarize(records, cfg.pass_k, cfg.bootstrap, cfg.ci, seed)
-    rss = _process_peak_rss()
+    rss = process_peak_rss_bytes()
     metrics.update(over_budget=len(over), over_budget_ids=[rows[i].id for i in over], ci_level=cfg.ci,
                    kv_cache_bytes_per_token=per_token, kv_cache_peak_bytes=kv_peak,
                    peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss,
@@ -328,11 +316,6 @@ def _check_adapters(methods: Sequence[str], adapters: dict[str, str | Path | Non
 def _write_jsonl(path: Path, records: list[Record]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _summary(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float | None]:
@@ -427,9 +410,9 @@ def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | No
     # metrics.json (what DVC compares) is identical across reruns and clones.
     resources = {m: {b: {k: v.pop(k) for k in _MEASURED if k in v} for b, v in per.items()}
                  for m, per in results.items()}
-    _write_json(out / "metrics.json", {**results, "summary": report["summary"]})
-    _write_json(out / "resources.json", resources)
-    _write_json(out / "over_budget.json", over_ids)
+    write_json(out / "metrics.json", {**results, "summary": report["summary"]}, allow_nan=False)
+    write_json(out / "resources.json", resources, allow_nan=False)
+    write_json(out / "over_budget.json", over_ids, allow_nan=False)
     (out / "metrics.md").write_text(metrics_table(results) + "\n")
     write_plots(results, records, cfg, out / "plots")
     return report

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pte.config import Params, load_params
+from pte.data.rows import write_json
 from pte.training.warmstart import resolve_base
 
 __all__ = ["REGISTRATION_RUN_KEYS", "add_stage_parsers", "registered_candidate", "stage_base_model", "stage_data",
@@ -25,11 +26,6 @@ __all__ = ["REGISTRATION_RUN_KEYS", "add_stage_parsers", "registered_candidate",
 REGISTRATION_RUN_KEYS = ("version", "alias", "previous_champion", "run_id", "model_uri")
 """Keys of :func:`pte.pipeline.registry.register`'s answer that depend on what the registry already holds (or are new
 ids on every call): they stay in the side file ``registration.json``, out of the register stage's declared output."""
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def with_base(params: Params, base: str | None) -> Params:
@@ -71,8 +67,8 @@ def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, rep
                        seed=params.base.seed)
     # DVC compares metrics.json across runs: deterministic numbers only; the loss curve goes beside it (a plot), and
     # the wall time to resources.json, a side file that DVC does not track (docs/pipeline.md, "What is committed")
-    _write_json(reports / "resources.json", {"seconds": result.pop("seconds")})
-    _write_json(reports / "loss.json", {"loss": result.pop("history")})
+    write_json(reports / "resources.json", {"seconds": result.pop("seconds")})
+    write_json(reports / "loss.json", {"loss": result.pop("history")})
     return {"enabled": True, **result}
 
 
@@ -159,22 +155,22 @@ def _cmd(args: argparse.Namespace) -> int:
     base = resolve_base(getattr(args, "base", None), getattr(args, "warmstart", None))
     if args.command == "base-model":
         summary = stage_base_model(params, out)
-        _write_json(Path(args.metrics or out.parent / "base_model_metrics.json"), summary)
+        write_json(Path(args.metrics or out.parent / "base_model_metrics.json"), summary)
     elif args.command == "data":
         summary = stage_data(params, out)
-        _write_json(out / "stats.json", summary)
+        write_json(out / "stats.json", summary)
     elif args.command == "warmstart":
         summary = stage_warmstart(params, base, Path(args.data), out, Path(args.reports))
-        _write_json(Path(args.reports) / "metrics.json", summary)
+        write_json(Path(args.reports) / "metrics.json", summary)
     elif args.command == "train":
         summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume)
-        _write_json(out / "metrics.json", summary)
+        write_json(out / "metrics.json", summary)
     elif args.command == "evaluate":
         summary = stage_evaluate(params, base, Path(args.models), Path(args.data), out)
     elif args.command == "register":
         summary = stage_register(params, base, Path(args.adapter), Path(args.metrics))
-        _write_json(out / "registration.json", summary)  # side file: version, alias, run id (flows/pipeline.py)
-        _write_json(out / "candidate.json", registered_candidate(summary, params.registry.metric))
+        write_json(out / "registration.json", summary)  # side file: version, alias, run id (flows/pipeline.py)
+        write_json(out / "candidate.json", registered_candidate(summary, params.registry.metric))
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

@@ -10,14 +10,15 @@ import logging
 import os
 import random
 import socket
+import sys
 
 import torch
 
 from pte.config import TrainConfig
 from pte.engine.rollout import Rollout, pad_rollout
 
-__all__ = ["Runtime", "align_ranks", "all_reduce", "init_engine", "is_main", "left_pad", "peak_memory_bytes", "rank",
-           "seed_everything", "shutdown_distributed", "world_size"]
+__all__ = ["Runtime", "align_ranks", "all_reduce", "init_engine", "is_main", "left_pad", "peak_memory_bytes",
+           "process_peak_rss_bytes", "rank", "seed_everything", "shutdown_distributed", "world_size"]
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,26 @@ def _keep_gathered(engine, params: list[torch.nn.Parameter]) -> None:
     params[0].all_gather(params)
 
 
+def process_peak_rss_bytes() -> int | None:
+    """The process's peak resident memory in bytes (a high-water mark, never reset); the current RSS where the OS has
+    no peak (not POSIX; None without psutil)."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.Process().memory_info().rss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: ``max_memory_allocated`` on CUDA, peak RSS of the process elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return process_peak_rss_bytes() or 0
 
 
 def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
