@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pte.config import CacheConfig, PTEConfig, load_params, params_from_dict
@@ -84,3 +86,16 @@ def test_a_contradictory_ablation_fails_in_one_line():
     cfg = PTEConfig()
     assert not method_pte_config("pte_global_only", cfg).event_updates
     assert not method_pte_config("pte_no_global", cfg).use_global_state and method_pte_config("pte", cfg) == cfg
+
+
+def test_the_paper_preset_writes_out_the_papers_form():
+    """presets/paper.yaml spells out every ``pte:`` key, and they are the paper's form (Eqs. 4-6): linear write and
+    read, accumulated normalisation, global state and event updates on, no project extension."""
+    import yaml
+
+    written = yaml.safe_load(open("presets/paper.yaml"))["pte"]
+    assert set(written) == {f.name for f in dataclasses.fields(PTEConfig)}
+    pte = load_params("presets/paper.yaml").pte
+    assert (pte.write, pte.read, pte.normalize, pte.write_context, pte.write_gate) == ("linear", "linear",
+                                                                                       "accumulate", 1, False)
+    assert pte.event_updates and pte.use_global_state and not pte.per_layer_globals and pte.global_tokens == 32

@@ -263,6 +263,7 @@ def test_full_cache_replay_equals_rollout_and_checkpointing_changes_nothing(fami
     assert vocab0 and not vocab1  # the [B, T, V] logits are no longer kept for backward
     torch.testing.assert_close(lp1, lp0, atol=1e-6, rtol=0)
     assert g0.keys() == g1.keys() and len(g0) > 0
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+    for name in g0:  # the recompute in backward reorders float sums: equal up to rounding, relative to the gradient
+        err = float((g1[name] - g0[name]).norm() / g0[name].norm().clamp(min=1e-12))
+        assert err < 1e-5, f"{name}: relative gradient difference {err:.2e}"
     assert [mod.training for mod in model.modules()] == modes

@@ -74,7 +74,8 @@ def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, rep
 
 def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
                 progress: bool = True) -> dict[str, Any]:
-    """GRPO-train ``method`` on the rows of ``data``; writes ``out/{adapter,checkpoints,metrics.jsonl}``.
+    """Train ``method`` with ``train.objective`` (``grpo``, ``sft`` or ``distill``) on the rows of ``data``; writes
+    ``out/{adapter,checkpoints,metrics.jsonl}``.
 
     ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
     side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them."""

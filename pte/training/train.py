@@ -110,7 +110,6 @@ class Trainer:
                              "reasoning_gym:chain_sum), objective grpo, or distill with distill_source: rollouts.")
         self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
         self.problems, self.solutions = problems, solutions
-        self._recall: list[float] | None = None  # [recalled right, recalls] of the step's rollouts
         self._rows: list[int] = []  # the training rows of the current step (this rank's share)
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn or reward_function(params.grpo)
@@ -140,6 +139,8 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------------
     def _rollouts(self, rows: list[int]) -> tuple[list[Rollout], list[torch.Tensor]]:
+        """Sample the step's groups: ``(chunks, [rewards [B], recall [2]])``, recall = (values recalled right, recalls)
+        of the rollouts (zeros without problem texts)."""
         g, cfg = self.params.grpo.num_generations, self.params.train
         prompts = [self.prompts[i] for i in rows for _ in range(g)]
         chunks, texts = [], []
@@ -158,11 +159,10 @@ class Trainer:
             texts += [decode_completion(self.tok, ids, eos) for ids in completion_ids(out)]
         answers = [self.answers[i] for i in rows for _ in range(g)]
         rewards = torch.tensor(self.reward_fn(texts, answers), dtype=torch.float32)
-        if self.problems is not None:
-            hits = [recall_score(self.problems[i], t) for i, t in zip([i for i in rows for _ in range(g)], texts,
-                                                                      strict=True)]
-            self._recall = [float(sum(h for h, _ in hits)), float(sum(n for _, n in hits))]
-        return chunks, [rewards]
+        hits = [] if self.problems is None else [
+            recall_score(self.problems[i], t) for i, t in zip([i for i in rows for _ in range(g)], texts, strict=True)]
+        recall = torch.tensor([float(sum(h for h, _ in hits)), float(sum(n for _, n in hits))])
+        return chunks, [rewards, recall]
 
     def _reference(self, out: Rollout, rows: slice) -> torch.Tensor | None:
         if self.loss_cfg.beta == 0.0:
@@ -330,8 +330,7 @@ class Trainer:
             metrics.update({"lr": lr, "timing/update_s": time.perf_counter() - t0,
                             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device))})
             return metrics
-        self._recall = None
-        chunks, (rewards,) = self._rollouts(rows)
+        chunks, (rewards, recall) = self._rollouts(rows)
         t1 = time.perf_counter()
         if not torch.isfinite(rewards).all():
             raise TrainingDivergedError(f"step {self.step}: a reward is NaN/inf ({rewards.tolist()}); stopping before "
@@ -356,10 +355,9 @@ class Trainer:
             "memory/peak_bytes": float(peak_memory_bytes(self.runtime.device)),
             "timing/rollout_s": t1 - t0, "timing/update_s": t2 - t1, "lr": lr,
         })
-        if self._recall is not None:
-            hits, total = all_reduce(self._recall, self.runtime.device)
-            if total:
-                metrics["recall/accuracy"] = hits / total
+        hits, total = all_reduce(recall.tolist(), self.runtime.device)
+        if total:
+            metrics["recall/accuracy"] = hits / total
         return metrics
 
     # -- loop -----------------------------------------------------------------------------------------------------
