@@ -140,3 +140,8 @@ EW="--set train.sft_recall_weight=1 --set train.sft_recall_steps=null --set trai
 for method in pte_no_global lora_c; do
   $V9 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed0 --methods $method $SFT $SM $M $EW --set base.seed=0
 done
+# Tenth session: the EW run of seed 0 to its end (results in research/results/varchain-10.jsonl), then its twin.
+V10="${V9% --out*} --out research/results/varchain-10.jsonl"
+for method in pte_no_global lora_c; do
+  $V10 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed0 --methods $method $SFT $SM $M $EW --set base.seed=0
+done
