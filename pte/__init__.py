@@ -14,12 +14,13 @@ The public API is re-exported lazily (importing ``pte`` does not import torch):
 Layout (imports point down: pipeline -> training -> engine -> config, with data a leaf beside the engine; the
 method decisions: docs/method.md; the pipeline seams: docs/pipeline.md):
 
-* ``pte.config``: ``Params`` and ``load_params`` with the sections ``engine``, ``training``, ``pipeline``, the method
-  names (``methods``) and the parsing helpers (``schema``);
+* ``pte.config``: ``Params`` and ``load_params`` with the sections ``engine``, ``training``, ``pipeline``,
+  ``numerics``, the method names (``methods``) and the parsing helpers (``schema``);
 * ``pte.engine``: ``models``, ``cache``, ``state``, ``adapters``, ``rollout``, ``replay``, ``inference``;
 * ``pte.training``: ``grpo``, ``objectives``, ``train``, ``runtime``, ``checkpoint``, ``warmstart``;
 * ``pte.data``: ``sources``, ``tasks``, ``rows``, ``rewards``;
-* ``pte.pipeline``: ``stages``, ``cli``, ``evaluate``, ``plots``, ``tracking``, ``registry``, ``registry_model``.
+* ``pte.pipeline``: ``stages``, ``cli``, ``numerics``, ``verdict``, ``evaluate``, ``plots``, ``tracking``, ``registry``,
+  ``registry_model``.
 
 The research instruments (the mechanism test, the study runners) live outside the package, in ``research/``.
 """

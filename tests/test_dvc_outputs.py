@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SIDE_FILES = ["reports/warmstart/resources.json", "reports/evaluate/resources.json",
               "reports/register/registration.json", "models/{m}/metrics.jsonl",
               "models/{m}/checkpoints/step-000002/meta.json", "models/{m}/checkpoints/latest"]
+ENVIRONMENT_FILES = ["reports/base_model/environment.json", "reports/warmstart/environment.json",
+                     "models/{m}/environment.json", "reports/evaluate/environment.json",
+                     "reports/register/environment.json"]
+"""Each stage's numeric environment (pte.pipeline.numerics.environment): the same bytes on one kind of machine, so
+committed beside the metrics, but not declared (another machine's record must not make DVC rerun anything)."""
 
 
 def declared_outputs(root: Path = ROOT) -> dict[str, bool]:
@@ -63,6 +68,15 @@ def test_side_files_are_git_ignored_and_not_declared():
         assert _ignored(path), f"{path} differs between runs and must be git-ignored (.gitignore)"
         inside = [d for d in declared if path == d or path.startswith(d.rstrip("/") + "/")]
         assert not inside, f"{path} differs between runs; it must not be (inside) a declared output: {inside}"
+
+
+def test_environment_records_are_committed_and_not_declared():
+    declared = declared_outputs()
+    methods = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["methods"]
+    for path in sorted({f.format(m=m) for f in ENVIRONMENT_FILES for m in methods}):
+        assert not _ignored(path), f"{path} is the committed numeric environment; git must not ignore it"
+        assert not [d for d in declared if path == d or path.startswith(d.rstrip("/") + "/")], path
+        assert _committed(path) is not None, f"{path} is not committed: commit it with dvc.lock after `make run`"
 
 
 def test_uncached_outputs_are_committable_and_cached_ones_ignored():
@@ -130,7 +144,7 @@ from pte.training.train import train
 params = params_from_dict({"model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 8},
     "adapter": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "grpo": {"num_generations": 2, "max_completion_length": 8, "reward": "char_match"},
-    "train": {"steps": 1, "prompts_per_step": 2, "rollout_batch": 4, "micro_batch": 2, "threads": 1}})
+    "train": {"steps": 1, "prompts_per_step": 2, "rollout_batch": 4, "micro_batch": 2}})
 train(params, "lora", ["abc", "def"], ["abc", "def"], sys.argv[1], progress=False)
 """
 

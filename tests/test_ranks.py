@@ -138,6 +138,7 @@ import functools, json, os, sys
 from pathlib import Path
 import torch
 torch.optim.AdamW.__init__ = functools.partialmethod(torch.optim.AdamW.__init__, eps=1e-3)  # see test_train.ADAMW_EPS
+torch.set_num_threads(1)  # two ranks on a 2-core machine
 import pte.training.runtime
 import pte.training.train as train_mod
 from pte.config import params_from_dict
@@ -158,7 +159,7 @@ def run(stage):
         "adapter": {"rank": 8, "alpha": 16.0}, "pte": {"global_tokens": 4},
         "grpo": {"num_generations": 4, "max_completion_length": 24, "reward": "char_match", "beta": 0.01},
         "train": {"steps": 2, "prompts_per_step": 2, "rollout_batch": 4, "micro_batch": 2, "lr": 0.02,
-                  "save_every": 100, "threads": 1, "zero_stage": stage}})
+                  "save_every": 100, "zero_stage": stage}})
     trainer = train_mod.Trainer(params, "pte", prompts, ["abcdefghijklmnopqrstuvwxyz"] * 4, out)
     counts = {"forward": 0, "backward": 0, "lengths": [], "prompt_len": []}
 

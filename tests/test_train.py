@@ -192,7 +192,8 @@ cache: {window: 8}
 adapter: {rank: 8, alpha: 16.0}
 pte: {global_tokens: 4}
 grpo: {num_generations: 4, max_completion_length: 24, reward: char_match, beta: 0.01}
-train: {steps: STEPS, prompts_per_step: 2, rollout_batch: 8, micro_batch: 4, lr: 0.02, save_every: 1, threads: 1,
+numerics: {threads: 1}
+train: {steps: STEPS, prompts_per_step: 2, rollout_batch: 8, micro_batch: 4, lr: 0.02, save_every: 1,
         zero_stage: STAGE}
 data:
   train: [{name: "reasoning_gym:chain_sum", size: 6, seed: 0}]

@@ -7,9 +7,9 @@ methods, never extra YAML keys.
 
 The sections live with their concern and this module assembles them (docs/pipeline.md, "Configuration"):
 ``pte.config.engine`` (model, cache, adapter, pte), ``pte.config.training`` (grpo, train, warmstart),
-``pte.config.pipeline`` (evaluate, tracking, registry) and ``pte.data.rows`` (data); the parsing helpers are
-``pte.config.schema``. Every name stays importable from here. No module of them imports this one, so there is no
-import cycle.
+``pte.config.pipeline`` (evaluate, tracking, registry), ``pte.config.numerics`` (numerics) and
+``pte.data.rows`` (data); the parsing helpers are ``pte.config.schema``. Every name stays importable from here.
+No module of them imports this one, so there is no import cycle.
 
 This module knows nothing about models, tensors or the pipeline stages that consume it.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 from pte.config.engine import AdapterConfig, CacheConfig, ModelConfig, PTEConfig, SamplingConfig
 from pte.config.methods import METHODS
+from pte.config.numerics import NumericsConfig
 from pte.config.pipeline import EvalConfig, RegistryConfig, TrackingConfig
 from pte.config.schema import plain, section_from_dict
 from pte.config.training import LOSS_TYPES, GRPOConfig, TrainConfig, WarmstartConfig, check_loss_settings
@@ -39,6 +40,7 @@ __all__ = [
     "EvalConfig",
     "GRPOConfig",
     "ModelConfig",
+    "NumericsConfig",
     "Params",
     "PTEConfig",
     "RegistryConfig",
@@ -81,6 +83,7 @@ class Params:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
 
     def __post_init__(self) -> None:
         if self.warmstart.enabled and not self.data.warmstart:

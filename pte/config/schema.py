@@ -95,6 +95,10 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
+MOVED_KEYS = {"train.threads": "numerics.threads", "warmstart.threads": "numerics.threads"}
+"""Keys that moved to another section: ``old -> new``, named in the error a file with the old key gets."""
+
+
 def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
     """Build the dataclass ``cls`` from the mapping ``data`` of section ``section``, validating every key."""
     if data is None:
@@ -104,6 +108,9 @@ def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> A
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
+        if f"{section}.{key}" in MOVED_KEYS:
+            raise ValueError(f"params: `{section}.{key}` moved to `{MOVED_KEYS[f'{section}.{key}']}`, which every "
+                             "stage reads; write it there (docs/reproducibility.md).")
         if key not in names:
             raise ValueError(f"params: unknown key `{section}.{key}`; known keys of `{section}`: {sorted(names)}.")
     kwargs = {}

@@ -154,8 +154,6 @@ class TrainConfig:
     up to 2^-9 of their magnitude, so two exact but differently batched forwards (a one-token decode step and a
     replay chunk) already differ by a measurable amount: on CPU, max |replay - rollout| log-prob over 192 sampled
     tokens was up to 0.39 on SmolLM2-135M-Instruct (``docs/method.md``, "Precision")."""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
     objective: Literal["grpo", "sft", "distill"] = "grpo"
     """What the replay optimises (docs/method.md, "Objectives"): ``grpo`` (the paper's Eq. 3); ``sft``, teacher-forced
     NLL of worked solutions under the method's training cache (``prompts_per_step`` rows a step; the rows' source
@@ -223,7 +221,6 @@ class TrainConfig:
         check_range("train.zero_stage", self.zero_stage, 0, 3)
         check_range("train.save_every", self.save_every, 1)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
-        check_range("train.threads", self.threads, 0)
         check_range("train.distill_beta", self.distill_beta, 0.0, 1.0)
         check_range("train.sft_recall_weight", self.sft_recall_weight, 0.0)
         check_range("train.distill_nll_weight", self.distill_nll_weight, 0.0)
@@ -268,8 +265,6 @@ class WarmstartConfig:
     """AdamW weight decay."""
     max_length: int = 512
     """Longest prompt + solution in tokens; longer examples are truncated."""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default). The model is bit-identical only for the same thread count."""
 
     def __post_init__(self) -> None:
         check_range("warmstart.epochs", self.epochs, 0.0, lo_open=True)
@@ -278,7 +273,6 @@ class WarmstartConfig:
         check_range("warmstart.warmup", self.warmup, 0.0, 1.0, hi_open=True)
         check_range("warmstart.weight_decay", self.weight_decay, 0.0)
         check_range("warmstart.max_length", self.max_length, 2)
-        check_range("warmstart.threads", self.threads, 0)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

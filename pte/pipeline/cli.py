@@ -1,4 +1,5 @@
-"""The ``pte`` console script: ``pte generate``, ``pte tracking sync`` and the pipeline stage commands.
+"""The ``pte`` console script: ``pte generate``, ``pte tracking sync``, ``pte verdict`` and the pipeline stage
+commands.
 
 Each command parses its arguments, calls one function of the package and prints; user errors
 (bad paths, bad values) are reported as one ``error:`` line with exit status 2, never a traceback.
@@ -109,6 +110,26 @@ def _cmd_tracking_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verdict_parser(sub) -> None:
+    p = sub.add_parser("verdict", help="did this run reproduce the committed results? If not, why may it differ",
+                       description="Compare the working tree after `dvc repro` with a git revision: the stages whose "
+                                   "outputs differ, the numeric environment (environment.json), and each evaluation "
+                                   "metric against its committed bootstrap interval. Exit status 0 when reproduced or "
+                                   "consistent, 1 when a metric falls outside its interval (docs/reproducibility.md).")
+    p.add_argument("--ref", default="HEAD", help="git revision holding the committed lock and metrics (default HEAD)")
+    p.add_argument("--root", default=".", help="repository root (default: the current directory)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(func=_cmd_verdict)
+
+
+def _cmd_verdict(args: argparse.Namespace) -> int:
+    from pte.pipeline.verdict import verdict_at
+
+    v = verdict_at(args.root, args.ref)
+    print(json.dumps(v.to_dict(), indent=2) if args.json else v.report())
+    return 1 if v.conclusion == "changed" else 0
+
+
 def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pte", description="Progressive Thought Encoding: GRPO under a bounded KV "
                                                              "cache.")
@@ -116,6 +137,7 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _tracking_parser(sub)
+    _verdict_parser(sub)
     for add in extra:
         add(sub)
     return parser

@@ -42,6 +42,7 @@ from mlflow.exceptions import MlflowException
 from pte.config import CacheConfig, RegistryConfig, SamplingConfig, TrackingConfig
 from pte.data.rows import DataConfig, format_prompt
 from pte.engine.adapters import METHODS, read_adapter_meta
+from pte.pipeline.numerics import environment_tags
 from pte.pipeline.tracking import clean_metrics, ensure_experiment, require_reachable, run_context
 
 __all__ = ["CHALLENGER", "CHAMPION", "PTEPredictor", "load_champion", "package_policy", "register", "select_metric"]
@@ -439,7 +440,7 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
     with _scoped_uri(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         run_tags = {"git_sha": tags["pte.git_sha"], "mlflow.source.git.commit": tags["pte.git_sha"],
-                    "pte.method": method, "pte.registered_model": name}
+                    "pte.method": method, "pte.registered_model": name, **environment_tags()}
         model_uri, run_id = _log_policy(client, tracking, uri, run_id, method, artifacts, model_config, eval_metrics,
                                         run_tags)
         ver = str(mlflow.register_model(model_uri, name, tags=tags).version)

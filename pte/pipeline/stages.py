@@ -18,6 +18,7 @@ from typing import Any
 
 from pte.config import Params, load_params
 from pte.data.rows import write_json
+from pte.pipeline.numerics import environment, environment_tags, pin
 from pte.training.warmstart import resolve_base
 
 __all__ = ["REGISTRATION_RUN_KEYS", "add_stage_parsers", "registered_candidate", "stage_base_model", "stage_data",
@@ -95,7 +96,8 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
                                      "train on sources with a solution writer "
                                      "(var_chain, reasoning_gym:chain_sum) or use train.objective grpo or distill.")
     # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
-    tracker = make_tracker(params.tracking, run_name=f"train-{method}", tags={"method": method, "stage": "train"})
+    tracker = make_tracker(params.tracking, run_name=f"train-{method}",
+                           tags={"method": method, "stage": "train", **environment_tags()})
     try:
         train(params, method, prompts, [r.answer for r in rows], out, tracker=tracker, resume=resume,
               progress=progress, problems=[r.problem for r in rows], solutions=solutions)
@@ -151,18 +153,24 @@ def registered_candidate(registration: dict[str, Any], metric_name: str) -> dict
 
 def _cmd(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    if args.command != "data":  # the data stage runs no kernel; every other stage pins before torch loads
+        pin(params.numerics)
     out = Path(args.out)
     # train, evaluate and register start from the warm-started model when its stage produced one
     base = resolve_base(getattr(args, "base", None), getattr(args, "warmstart", None))
+    reports = out  # where the stage's metrics go, and its numeric environment beside them
     if args.command == "base-model":
         summary = stage_base_model(params, out)
-        write_json(Path(args.metrics or out.parent / "base_model_metrics.json"), summary)
+        metrics = Path(args.metrics or out.parent / "base_model_metrics.json")
+        write_json(metrics, summary)
+        reports = metrics.parent
     elif args.command == "data":
         summary = stage_data(params, out)
         write_json(out / "stats.json", summary)
     elif args.command == "warmstart":
-        summary = stage_warmstart(params, base, Path(args.data), out, Path(args.reports))
-        write_json(Path(args.reports) / "metrics.json", summary)
+        reports = Path(args.reports)
+        summary = stage_warmstart(params, base, Path(args.data), out, reports)
+        write_json(reports / "metrics.json", summary)
     elif args.command == "train":
         summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume)
         write_json(out / "metrics.json", summary)
@@ -172,6 +180,9 @@ def _cmd(args: argparse.Namespace) -> int:
         summary = stage_register(params, base, Path(args.adapter), Path(args.metrics))
         write_json(out / "registration.json", summary)  # side file: version, alias, run id (flows/pipeline.py)
         write_json(out / "candidate.json", registered_candidate(summary, params.registry.metric))
+    if args.command != "data":
+        # provenance beside the stage's metrics: committed with them, not declared to DVC (docs/reproducibility.md)
+        write_json(reports / "environment.json", environment())
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

@@ -63,18 +63,13 @@ HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUES
 
 
 class Tracker:
-    """Interface: parameters once, metrics per step, artifacts (files), tags, and close."""
+    """Interface: parameters once, metrics per step, tags, and close (the model files go to MLflow through the
+    registry, ``pte.pipeline.registry``)."""
 
     def log_params(self, params: dict[str, Any]) -> None:  # pragma: no cover - interface
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:  # pragma: no cover - interface
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:  # pragma: no cover
-        pass
-
-    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:  # pragma: no cover - interface
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:  # pragma: no cover - interface
@@ -136,14 +131,6 @@ class MultiTracker(Tracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for t in self.trackers:
             t.log_metrics(metrics, step)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        for t in self.trackers:
-            t.log_artifact(path, artifact_path)
-
-    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        for t in self.trackers:
-            t.log_dict(data, artifact_file)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for t in self.trackers:
@@ -399,14 +386,6 @@ class MlflowTracker(Tracker):
         items = clean_metrics(metrics)
         if items:
             self._guard("log_metrics", self._batch, metrics=items, step=int(step))
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-        self._guard("log_artifact", fn, self.run_id, str(path), artifact_path)
-
-    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        plain = json.loads(json.dumps(data, default=str))
-        self._guard("log_dict", self.client.log_dict, self.run_id, plain, artifact_file)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._guard("set_tags", self._batch, tags={k: str(v)[:MAX_TAG_CHARS] for k, v in tags.items()})

@@ -77,8 +77,6 @@ class Runtime:
             self.device = torch.device("cuda", local)
         else:
             self.device = torch.device("cpu")
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
 
 
 def _skip_shm_op() -> None:

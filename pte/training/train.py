@@ -370,7 +370,7 @@ class Trainer:
     def _run_signature(self, params: dict) -> dict:
         """The settings a checkpoint must share to be resumed (the step budget and I/O cadence may change)."""
         # the replay check only decides whether to stop; it changes no weight
-        ignored = ("steps", "save_every", "keep_checkpoints", "threads", "methods", "check_replay", "replay_tolerance",
+        ignored = ("steps", "save_every", "keep_checkpoints", "methods", "check_replay", "replay_tolerance",
                    "replay_tolerance_bf16")
         train = {k: v for k, v in params.get("train", {}).items() if k not in ignored}
         keep = ("base", "model", "cache", "adapter", "pte", "grpo")

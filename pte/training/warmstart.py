@@ -78,8 +78,6 @@ def warmstart(base: str | Path, rows: Sequence[Row], cfg: WarmstartConfig, data_
     if not rows:
         raise ValueError("warmstart: no problems to fine-tune on (data/warmstart.jsonl is empty); list sources in "
                          "`data.warmstart` or set warmstart.enabled: false.")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     examples = sft_examples(rows, data_cfg)
     # full fine-tuning keeps fp32 weights whatever model.dtype says: the optimizer updates them directly, and on
     # CUDA the trainer's bf16 autocast (below) gives the speed of bf16
