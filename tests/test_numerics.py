@@ -15,7 +15,8 @@ import yaml
 
 from pte.config import NumericsConfig, load_params, params_from_dict
 from pte.config.numerics import pinned_environment
-from pte.pipeline.numerics import cpu_description, environment, environment_tags
+from pte.pipeline.numerics import cpu_description, environment
+from pte.pipeline.tracking import environment_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_environment_is_deterministic_and_becomes_flat_tags():
     assert env["cpu"] == cpu_description() and set(env["cpu"]["flags"]) <= set(_cpu_flags()) | {"asimd", "sve"}
     tags = environment_tags(env)
     assert tags["numerics.aten_cpu_capability"] == env["aten_cpu_capability"]
-    assert tags["numerics.cpu.flags"] == " ".join(env["cpu"]["flags"])
+    assert json.loads(tags["numerics.cpu.flags"]) == env["cpu"]["flags"]
     assert all(isinstance(v, str) for v in tags.values())
 
 

@@ -3,8 +3,9 @@
 :func:`pin` is the first thing every pipeline stage does (``pte.pipeline.stages``): it sets the environment of
 ``pte.config.numerics.pinned_environment``, then the torch-side settings (threads, deterministic algorithms), and
 checks that ATen took the kernel path it was asked for. :func:`environment` is the provenance record written next to
-each stage's metrics (``environment.json``) and sent to MLflow as tags (:func:`environment_tags`); ``pte verdict``
-compares it with the committed one (docs/reproducibility.md).
+each stage's metrics (``environment.json``) and sent to MLflow as tags
+(``pte.pipeline.tracking.environment_tags``); ``pte verdict`` compares it with the committed one
+(docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from pte.config.numerics import PINNED_VARIABLES, NumericsConfig, pinned_environment
 
-__all__ = ["ISA_FLAGS", "cpu_description", "environment", "environment_tags", "pin"]
+__all__ = ["ISA_FLAGS", "cpu_description", "environment", "pin"]
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +101,3 @@ def environment() -> dict[str, Any]:
         "libc": "-".join(platform.libc_ver()) or "unknown",
         "variables": {k: os.environ[k] for k in PINNED_VARIABLES if k in os.environ},
     }
-
-
-def environment_tags(env: dict[str, Any] | None = None) -> dict[str, str]:
-    """:func:`environment` flattened into MLflow tags (``numerics.<key>``; nested keys joined with dots)."""
-    env = environment() if env is None else env
-    tags: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            tags[prefix] = " ".join(value) if isinstance(value, list) else str(value)
-
-    walk("numerics", env)
-    return tags

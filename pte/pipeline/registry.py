@@ -42,8 +42,7 @@ from mlflow.exceptions import MlflowException
 from pte.config import CacheConfig, RegistryConfig, SamplingConfig, TrackingConfig
 from pte.data.rows import DataConfig, format_prompt
 from pte.engine.adapters import METHODS, read_adapter_meta
-from pte.pipeline.numerics import environment_tags
-from pte.pipeline.tracking import clean_metrics, ensure_experiment, require_reachable, run_context
+from pte.pipeline.tracking import clean_metrics, ensure_experiment, environment_tags, require_reachable, run_context
 
 __all__ = ["CHALLENGER", "CHAMPION", "PTEPredictor", "load_champion", "package_policy", "register", "select_metric"]
 

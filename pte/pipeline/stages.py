@@ -18,7 +18,7 @@ from typing import Any
 
 from pte.config import Params, load_params
 from pte.data.rows import write_json
-from pte.pipeline.numerics import environment, environment_tags, pin
+from pte.pipeline.numerics import environment, pin
 from pte.training.warmstart import resolve_base
 
 __all__ = ["REGISTRATION_RUN_KEYS", "add_stage_parsers", "registered_candidate", "stage_base_model", "stage_data",
@@ -81,7 +81,7 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
     ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
     side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them."""
     from pte.data.rows import format_prompt, read_jsonl
-    from pte.pipeline.tracking import make_tracker, read_metrics
+    from pte.pipeline.tracking import environment_tags, make_tracker, read_metrics
     from pte.training.runtime import shutdown_distributed
     from pte.training.train import train
 

@@ -211,6 +211,13 @@ def _metric_name(name: str) -> str:
     return safe.strip("/") or "_"
 
 
+def environment_tags(env: dict[str, Any] | None = None) -> dict[str, str]:
+    """The numeric environment (:func:`pte.pipeline.numerics.environment`) as MLflow tags ``numerics.<a.b>``."""
+    from pte.pipeline.numerics import environment
+
+    return flatten_params({"numerics": environment() if env is None else env})
+
+
 def _mlflow_params(params: dict[str, Any]) -> dict[str, str]:
     """Flattened (``a.b``), stringified, truncated params whose keys follow MLflow's key rules (those of metrics)."""
     return {_metric_name(k)[:250]: v for k, v in flatten_params(params).items()}

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from pte.pipeline.tracking import flatten_params
+
 __all__ = ["Verdict", "compare_environments", "compare_metrics", "compare_outputs", "judge", "verdict_at"]
 
 METRICS = "reports/evaluate/metrics.json"
@@ -47,18 +49,9 @@ def compare_outputs(committed: dict[str, Any], current: dict[str, Any]) -> dict[
     return out
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: data}
-
-
 def compare_environments(committed: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Keys (dotted) of two ``environment.json`` records that differ: key -> (committed, current)."""
-    a, b = _flatten(committed), _flatten(current)
+    a, b = flatten_params(committed), flatten_params(current)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
