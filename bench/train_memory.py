@@ -90,11 +90,11 @@ def _params(model: str, n: int, window: int, group: int, rank: int, device: str 
     where = {} if device is None else {"device": device, "precision": "bf16" if device == "cuda" else "fp32"}
     return params_from_dict({
         "model": {"source": model}, "cache": {"window": window}, "adapter": {"rank": rank, "alpha": 2.0 * rank},
-        "pte": {"global_tokens": 32},
-        "grpo": {"num_generations": group, "max_completion_length": n, "beta": 0.0, "loss_type": "dapo",
-                 "allow_last_number": True},
-        "train": {"steps": 1, "prompts_per_step": 1, "rollout_batch": group, "micro_batch": group,
-                  "check_replay": False, "save_every": 1000, "gradient_checkpointing": checkpointing,
+        "pte": {"global_tokens": 32}, "data": {"allow_last_number": True},
+        "train": {"steps": 1, "prompts_per_step": 1, "micro_batch": group, "save_every": 1000,
+                  "gradient_checkpointing": checkpointing, "grpo": {"beta": 0.0, "loss_type": "dapo"},
+                  "rollout": {"num_generations": group, "max_completion_length": n, "batch": group,
+                              "check_replay": False},
                   **where}})
 
 

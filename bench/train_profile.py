@@ -7,7 +7,7 @@ a GPU). The phases are exclusive, so they add up to the step:
 
 * ``rollout: generate``: :func:`pte.engine.rollout.generate` (sampling under the method's cache);
 * ``rollout: decode + reward``: the rest of the trainer's rollout (decoding the completions, rewards, recall);
-* ``reference forward``: the KL reference's log-probs (adapters off, no gradient; ``grpo.kl_cache``);
+* ``reference forward``: the KL reference's log-probs (adapters off, no gradient; ``train.grpo.kl_cache``);
 * ``replay forward``: :func:`pte.engine.replay.replay_logprobs` of the policy, segment by segment, without the loss and
 the
   backward it calls per segment;
@@ -247,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = model_sizes(trainer.model) if roof else None
         print(f"{args.method} on {source} ({trainer.runtime.device}, {trainer.runtime.precision}, "
               f"{torch.get_num_threads()} threads): {params.train.prompts_per_step} prompts x "
-              f"{params.grpo.num_generations} samples, {params.grpo.max_completion_length} new tokens, "
-              f"window {params.cache.window}, beta {params.grpo.beta}", flush=True)
+              f"{params.train.rollout.num_generations} samples, "
+              f"{params.train.rollout.max_completion_length} new tokens, "
+              f"window {params.cache.window}, beta {params.train.grpo.beta}", flush=True)
         steps = []
         try:
             for i in range(args.steps):

@@ -108,12 +108,11 @@ def heldout_rows(params, data_dir: str | Path, size: int) -> tuple[list, list]:
 
 
 def greedy_eval_config(params, budgets: tuple[int | None, ...]):
-    """The probe's evaluation: one greedy completion per problem, ``grpo.max_completion_length`` tokens."""
+    """The probe's evaluation: one greedy completion per problem, ``evaluate.max_new_tokens`` tokens."""
     from pte.config import EvalConfig
 
     return EvalConfig(methods=("base",), budgets=budgets, num_samples=1, pass_k=(1,), temperature=0.0,
-                      max_new_tokens=params.grpo.max_completion_length, batch_size=64, bootstrap=1000,
-                      allow_last_number=True)
+                      max_new_tokens=params.evaluate.max_new_tokens, batch_size=64, bootstrap=1000)
 
 
 def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir: Path,
@@ -144,7 +143,7 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
         return out
     cfg = greedy_eval_config(params, budgets)
     for budget in budgets:
-        m, _ = evaluate_policy(gen, ev, budget, cfg, params.data, params.base.seed, progress=False)
+        m, _ = evaluate_policy(gen, ev, budget, cfg, params.data, params.base.seed, progress=False, cache=params.cache)
         label = budget_label(budget)
         out.update({f"gen/{label}/accuracy": m["accuracy"], f"gen/{label}/accuracy_ci_low": m["accuracy_ci_low"],
                     f"gen/{label}/accuracy_ci_high": m["accuracy_ci_high"],
@@ -157,10 +156,14 @@ def _override(params, sets: dict[str, Any]):
 
     data = params.to_dict()
     for key, value in sets.items():
-        section, _, name = key.partition(".")
-        if section not in data or not name:
-            raise ValueError(f"--set {key}: expected <section>.<key> of params.yaml, e.g. train.steps")
-        data[section][name] = value
+        *path, name = key.split(".")
+        if not path or path[0] not in data:
+            raise ValueError(f"--set {key}: expected <section>.<key> of params.yaml, e.g. train.steps or "
+                             "train.sft.eviction_weight")
+        node = data
+        for part in path:  # nested sections (train.sft) may be absent from the dump: create them
+            node = node.setdefault(part, {})
+        node[name] = value
     return params_from_dict(data)
 
 

@@ -103,9 +103,9 @@ def test_the_paper_preset_writes_out_the_papers_form():
 
 @pytest.mark.parametrize("preset", ["cpu-demo", "smoke", "paper"])
 def test_no_preset_weighs_task_labels(preset):
-    """A user's data has no recall label: no preset's loss weighs one (``sft_recall_weight`` stays 1, the oracle is a
-    research setting), and the default preset's ``pte`` trains on a signal every task has (docs/method.md)."""
+    """A user's data has no recall label: no preset's loss weighs one (``train.sft.recall_weight`` stays 1, the oracle
+    is a research setting), and the default preset's ``pte`` trains on a signal every task has (docs/method.md)."""
     train = load_params(f"presets/{preset}.yaml").train
-    assert train.sft_recall_weight == 1.0 and train.sft_recall_weight_after == 1.0
+    assert train.sft.recall_weight == 1.0 and train.sft.recall_weight_after == 1.0
     if preset == "cpu-demo":
-        assert train.objective == "sft" and train.sft_eviction_weight > 0 and "pte" in train.methods
+        assert train.objective == "sft" and train.sft.eviction_weight > 0 and "pte" in train.methods

@@ -143,8 +143,8 @@ from pte.config import params_from_dict
 from pte.training.train import train
 params = params_from_dict({"model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 8},
     "adapter": {"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "grpo": {"num_generations": 2, "max_completion_length": 8, "reward": "char_match"},
-    "train": {"steps": 1, "prompts_per_step": 2, "rollout_batch": 4, "micro_batch": 2}})
+    "train": {"steps": 1, "prompts_per_step": 2, "micro_batch": 2, "grpo": {"reward": "char_match"},
+              "rollout": {"num_generations": 2, "max_completion_length": 8, "batch": 4}}})
 train(params, "lora", ["abc", "def"], ["abc", "def"], sys.argv[1], progress=False)
 """
 

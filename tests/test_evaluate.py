@@ -134,9 +134,9 @@ def test_eval_config_yaml_and_validation():
                                             "num_samples": 4, "pass_k": [1, 4]}})
     assert params.evaluate.budgets == (None, 192, 128)
     assert params_from_dict(params.to_dict()) == params
-    assert params.evaluate.cache(None).is_full and params.evaluate.cache(128).budget == 128
-    assert not params.evaluate.cache(128).compile_decode
-    assert params_from_dict({"evaluate": {"compile_decode": True}}).evaluate.cache(128).compile_decode
+    assert params.cache.for_budget(None).is_full and params.cache.for_budget(128).budget == 128
+    assert not params.cache.for_budget(128).compile_decode
+    assert params_from_dict({"cache": {"compile_decode": True}}).cache.for_budget(128).compile_decode
     assert params.evaluate.long_threshold() == math.ceil(0.2 * 256)
     for bad, needle in [({"pass_k": [8]}, "evaluate.pass_k"), ({"methods": ["gpt"]}, "evaluate.methods"),
                         ({"budgets": [1]}, "evaluate.budgets"), ({"budgets": [64, 64]}, "evaluate.budgets"),

@@ -337,9 +337,11 @@ def test_config_validation_names_the_key() -> None:
 def test_loss_config_comes_from_the_grpo_section_with_one_validation() -> None:
     from pte.config import GRPOConfig, params_from_dict
 
-    grpo = params_from_dict({"grpo": {"loss_type": "dr_grpo", "epsilon": 0.1, "epsilon_high": 0.28, "beta": 0.02,
-                                      "max_completion_length": 64, "use_bias_correction_kl": True}}).grpo
-    assert GRPOLossConfig.from_config(grpo) == GRPOLossConfig(
+    train = params_from_dict({"train": {
+        "grpo": {"loss_type": "dr_grpo", "epsilon": 0.1, "epsilon_high": 0.28, "beta": 0.02,
+                 "use_bias_correction_kl": True},
+        "rollout": {"max_completion_length": 64}}}).train
+    assert GRPOLossConfig.from_config(train) == GRPOLossConfig(
         loss_type="dr_grpo", epsilon=0.1, epsilon_high=0.28, beta=0.02, max_completion_length=64,
         use_bias_correction_kl=True)
     for bad in ({"epsilon": 1.0}, {"epsilon": -0.1}, {"epsilon_high": -1.0}, {"beta": float("nan")}):
@@ -348,12 +350,12 @@ def test_loss_config_comes_from_the_grpo_section_with_one_validation() -> None:
         with pytest.raises(ValueError) as from_python:
             GRPOLossConfig(**bad)
         assert str(from_yaml.value) == str(from_python.value)
-        assert f"`grpo.{next(iter(bad))}`" in str(from_yaml.value)
+        assert f"`train.grpo.{next(iter(bad))}`" in str(from_yaml.value)
 
 
 def test_grpo_delta_is_a_params_key_that_reaches_the_loss() -> None:
     from pte.config import params_from_dict
 
-    assert GRPOLossConfig.from_config(params_from_dict({"grpo": {"delta": 1.5}}).grpo).delta == 1.5
-    with pytest.raises(ValueError, match="grpo.delta"):
-        params_from_dict({"grpo": {"delta": 1.1}})
+    assert GRPOLossConfig.from_config(params_from_dict({"train": {"grpo": {"delta": 1.5}}}).train).delta == 1.5
+    with pytest.raises(ValueError, match="train.grpo.delta"):
+        params_from_dict({"train": {"grpo": {"delta": 1.1}}})

@@ -106,9 +106,13 @@ def _attribute_reads() -> set[str]:
 def test_every_params_key_is_read_somewhere():
     """A key that nothing reads is a setting that silently does nothing (as `sampling:` did)."""
     reads = _attribute_reads()
-    unread = [f"{section.name}.{f.name}" for section in dataclasses.fields(Params)
-              for f in dataclasses.fields(Params.__dataclass_fields__[section.name].default_factory())
-              if f.name not in reads]
+
+    def keys(obj, prefix):  # nested sections (train.sft, ...) are dataclass values
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            yield from keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [(prefix, f.name)]
+
+    unread = [f"{prefix}{name}" for prefix, name in keys(Params(), "") if name not in reads]
     assert not unread, f"params keys read nowhere in pte/ or flows/: {unread}; use them or remove them"
 
 

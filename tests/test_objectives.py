@@ -32,15 +32,20 @@ ANSWERS = [a for _, a in ROWS]
 SOLUTIONS = [worked_solution("var_chain", p) for p in PROBLEMS]
 
 
-def params(objective: str, **train_kw):
-    train_cfg = {"steps": 6, "prompts_per_step": 4, "rollout_batch": 8, "micro_batch": 4, "lr": 0.01,
-                 "save_every": 100, "objective": objective}
-    train_cfg.update(train_kw)
+def params(objective: str, sft: dict | None = None, distill: dict | None = None, **train_kw):
+    """Tiny-model params for ``objective``; ``sft`` / ``distill``: that objective's subsection."""
+    train_cfg = {"steps": 6, "prompts_per_step": 4, "micro_batch": 4, "lr": 0.01, "save_every": 100,
+                 "objective": objective, **train_kw}
+    if objective != "sft" and not (objective == "distill" and (distill or {}).get("source") == "solutions"):
+        train_cfg["rollout"] = {"num_generations": 2, "max_completion_length": 24, "batch": 8}
+    if objective == "grpo":
+        train_cfg["grpo"] = {"reward": "char_match", "beta": 0.0}
+    for name, section in (("sft", sft), ("distill", distill)):
+        if section is not None:
+            train_cfg[name] = section
     return params_from_dict({
         "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 16}, "adapter": {"rank": 4, "alpha": 8.0},
-        "pte": {"global_tokens": 4},
-        "grpo": {"num_generations": 2, "max_completion_length": 24, "reward": "char_match", "beta": 0.0},
-        "train": train_cfg})
+        "pte": {"global_tokens": 4}, "train": train_cfg})
 
 
 def test_recall_positions_mark_the_recalled_digits():
@@ -83,14 +88,14 @@ def test_sft_recall_weight_makes_a_weighted_token_mean():
 
 def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypatch, one_thread):
     """The schedule is the half cosine of ``transformers``' cosine schedule; the lr each step sets is the one the
-    optimizer DeepSpeed drives uses, and the recall weight drops to ``sft_recall_weight_after`` (default 1) after
+    optimizer DeepSpeed drives uses, and the recall weight drops to ``sft.recall_weight_after`` (default 1) after
     ``sft_recall_steps``."""
     import transformers
 
     import pte.training.train as pt
     from pte.config.training import learning_rate, recall_weight
 
-    cfg = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft_recall_steps=2, sft_recall_weight=50.0).train
+    cfg = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft={"recall_steps": 2, "recall_weight": 50.0}).train
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
     sched = transformers.get_cosine_schedule_with_warmup(opt, 0, cfg.steps)
     for step in range(cfg.steps):
@@ -110,18 +115,19 @@ def test_cosine_schedule_and_recall_phase_reach_the_optimizer(tmp_path, monkeypa
     with pytest.raises(ValueError, match="lr_decay_steps"):
         params("sft", lr_schedule="cosine", lr_decay_steps=7)  # more than train.steps (6)
     assert [recall_weight(cfg, s) for s in range(4)] == [50.0, 50.0, 1.0, 1.0]
-    assert recall_weight(dataclasses.replace(cfg, sft_recall_steps=None), 3) == 50.0
-    assert [recall_weight(dataclasses.replace(cfg, sft_recall_weight_after=10.0), s) for s in range(4)] == [
+    assert recall_weight(dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, recall_steps=None)), 3) == 50.0
+    assert [recall_weight(dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, recall_weight_after=10.0)), s)
+            for s in range(4)] == [
         50.0, 50.0, 10.0, 10.0]
-    with pytest.raises(ValueError, match="sft_recall_weight_after"):
-        params("sft", sft_recall_weight_after=-1.0)
+    with pytest.raises(ValueError, match="train.sft.recall_weight_after"):
+        params("sft", sft={"recall_weight_after": -1.0})
 
     seen_lr, seen_w = [], []
     adamw_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (
         seen_lr.append(self.param_groups[0]["lr"]), adamw_step(self, *a, **k))[1])
     monkeypatch.setattr(pt, "sft_weights", lambda m, r, w: (seen_w.append(w), sft_weights(m, r, w))[1])
-    p = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft_recall_steps=2, sft_recall_weight=50.0)
+    p = params("sft", steps=4, lr_schedule="cosine", lr=0.01, sft={"recall_steps": 2, "recall_weight": 50.0})
     train(p, "pte", PROBLEMS, ANSWERS, tmp_path, progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
     assert seen_lr == pytest.approx([learning_rate(cfg, s) for s in range(4)])
     assert seen_w == [50.0, 50.0, 1.0, 1.0]
@@ -243,7 +249,8 @@ def test_exact_kl_replaces_k3_in_the_token_objective():
 
 def test_grpo_with_the_exact_kl_trains_and_is_zero_for_a_fresh_full_cache_adapter(tmp_path, one_thread):
     p = params("grpo", steps=1)
-    p = dataclasses.replace(p, grpo=dataclasses.replace(p.grpo, beta=0.1, kl_estimator="exact"))
+    p = dataclasses.replace(p, train=dataclasses.replace(
+        p.train, grpo=dataclasses.replace(p.train.grpo, beta=0.1, kl_estimator="exact")))
     last = train(p, "lora", PROBLEMS, ANSWERS, tmp_path / "lora", progress=False)
     assert last["kl"] == pytest.approx(0.0, abs=1e-6)
     last = train(dataclasses.replace(p, train=dataclasses.replace(p.train, steps=3)), "pte", PROBLEMS, ANSWERS,
@@ -254,21 +261,21 @@ def test_grpo_with_the_exact_kl_trains_and_is_zero_for_a_fresh_full_cache_adapte
 def test_distill_on_solutions_is_zero_where_the_cache_is_full_and_teaches_bounded_methods(tmp_path, one_thread):
     """Teacher-forced distillation on worked solutions: with a full cache a fresh adapter equals its teacher (zero
     divergence); under a bounded cache the divergence is positive and the reported loss is the divergence plus
-    ``distill_nll_weight`` times the NLL."""
-    kw = {"distill_source": "solutions"}
+    ``train.distill.nll_weight`` times the NLL."""
+    kw = {"distill": {"source": "solutions"}}
     first = Trainer(params("distill", steps=1, **kw), "lora", PROBLEMS, ANSWERS, tmp_path / "lora",
                     problems=PROBLEMS, solutions=SOLUTIONS).train_step()
     assert first["distill/divergence"] == pytest.approx(0.0, abs=1e-6) and first["loss"] == first["distill/divergence"]
-    train(params("distill", steps=3, distill_nll_weight=0.5, **kw), "pte", PROBLEMS, ANSWERS, tmp_path / "pte",
-          progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
+    train(params("distill", steps=3, distill={"source": "solutions", "nll_weight": 0.5}), "pte", PROBLEMS, ANSWERS,
+          tmp_path / "pte", progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
     hist = read_metrics(tmp_path / "pte" / "metrics.jsonl")
     assert hist[0]["distill/divergence"] > 0 and "recall/nll" in hist[0]
     for h in hist:
         assert h["loss"] == pytest.approx(h["distill/divergence"] + 0.5 * h["nll"], rel=1e-6)
     with pytest.raises(ValueError, match="needs a worked solution"):
         Trainer(params("distill", **kw), "pte", PROBLEMS, ANSWERS, tmp_path / "none")
-    with pytest.raises(ValueError, match="distill_nll_weight"):
-        params("distill", distill_nll_weight=1.0)
+    with pytest.raises(ValueError, match="train.distill.nll_weight"):
+        params("distill", distill={"nll_weight": 1.0})
 
 
 def test_eviction_sensitivity_is_the_frozen_base_nll_gap_and_zero_without_eviction(one_thread):
@@ -314,12 +321,12 @@ def test_eviction_weighted_sft_logs_its_agreement_and_stops_after_its_steps(tmp_
     the recall label only measures how well that finds the recall tokens."""
     from pte.config.training import eviction_weight
 
-    p = params("sft", steps=3, sft_eviction_weight=30.0, sft_eviction_steps=2)
+    p = params("sft", steps=3, sft={"eviction_weight": 30.0, "eviction_steps": 2})
     assert [eviction_weight(p.train, s) for s in range(3)] == [30.0, 30.0, 0.0]
-    assert eviction_weight(params("distill", sft_eviction_weight=30.0).train, 0) == 0.0  # sft only
+    assert eviction_weight(dataclasses.replace(p.train, objective="distill"), 0) == 0.0  # sft only
     train(p, "pte", PROBLEMS, ANSWERS, tmp_path, progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
     hist = read_metrics(tmp_path / "metrics.jsonl")
     assert hist[0]["eviction/weight_mean"] > 1.0 and 0.0 <= hist[0]["eviction/recall"] <= 1.0
     assert "eviction/recall_is_top" in hist[0] and "eviction/weight_mean" not in hist[2]
-    with pytest.raises(ValueError, match="sft_eviction_weight"):
-        params("sft", sft_eviction_weight=-1.0)
+    with pytest.raises(ValueError, match="train.sft.eviction_weight"):
+        params("sft", sft={"eviction_weight": -1.0})

@@ -38,6 +38,57 @@ def test_params_yaml_is_the_cpu_demo_preset():
     assert (ROOT / "params.yaml").read_text() == (ROOT / "presets" / "cpu-demo.yaml").read_text()
 
 
+def _leaves(data: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves of a params mapping (``evaluate.protocols`` and ``data`` sources are values)."""
+    out = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted not in ("evaluate.protocols",):
+            out += _leaves(value, dotted + ".")
+        else:
+            out.append(dotted)
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_key_is_read_by_a_stage_that_lists_it_or_absent(preset, recwarn):
+    """Every key a preset writes changes its run: some stage lists it (or its section) in dvc.yaml, so editing it
+    reruns that stage, and it is not a ``train`` subsection the preset's objective ignores (loading warns about
+    those: the preset must omit them). That the code reads every key outside validation is
+    tests/test_modules.py's check."""
+    data = yaml.safe_load(preset.read_text())
+    params = load_params(preset)
+    assert not [w for w in recwarn if "reads only" in str(w.message)], [str(w.message) for w in recwarn]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {key for stage in stages.values() for key in stage.get("do", stage).get("params", [])}
+    for key in _leaves(data):
+        parts = key.split(".")
+        assert any(".".join(parts[:i]) in listed for i in range(1, len(parts) + 1)), (
+            f"{preset.name}: `{key}` is listed by no stage of dvc.yaml: editing it would rerun nothing")
+    ignored = set(data.get("train", {})) & {"rollout", "grpo", "sft", "distill"} - set(params.train.read_sections())
+    assert not ignored, f"{preset.name}: `train.{sorted(ignored)}` is ignored under its objective"
+
+
+def test_an_unread_train_subsection_warns_and_moved_keys_name_their_new_place():
+    from pte.config import params_from_dict
+
+    with pytest.warns(UserWarning, match=r"`train.grpo` is set but `train.objective` = 'sft' reads only"):
+        params_from_dict({"train": {"objective": "sft", "grpo": {"beta": 0.1}}})
+    # distill on rollouts reads the rollout settings, on solutions it does not
+    assert params_from_dict({"train": {"objective": "distill"}}).train.read_sections() == ("distill", "rollout")
+    with pytest.warns(UserWarning, match="train.rollout"):
+        params_from_dict({"train": {"objective": "distill", "distill": {"source": "solutions"},
+                                    "rollout": {"num_generations": 4}}})
+    for old, new in (({"grpo": {"temperature": 0.7}}, "train.rollout.temperature"),
+                     ({"grpo": {"allow_last_number": True}}, "data.allow_last_number"),
+                     ({"train": {"sft_eviction_weight": 3.0}}, "train.sft.eviction_weight"),
+                     ({"train": {"rollout_batch": 8}}, "train.rollout.batch"),
+                     ({"evaluate": {"evict_ratio": 0.5}}, "cache.evict_ratio"),
+                     ({"evaluate": {"compile_decode": True}}, "cache.compile_decode")):
+        with pytest.raises(ValueError, match=f"`{new}`"):
+            params_from_dict(old)
+
+
 def test_every_stage_code_dependency_exists():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():

@@ -157,9 +157,9 @@ def run(stage):
         # a budget: the window depends on the prompt block, which the ranks must therefore share
         "cache": {"window": None, "budget": 56, "evict_ratio": 0.5},
         "adapter": {"rank": 8, "alpha": 16.0}, "pte": {"global_tokens": 4},
-        "grpo": {"num_generations": 4, "max_completion_length": 24, "reward": "char_match", "beta": 0.01},
-        "train": {"steps": 2, "prompts_per_step": 2, "rollout_batch": 4, "micro_batch": 2, "lr": 0.02,
-                  "save_every": 100, "zero_stage": stage}})
+        "train": {"steps": 2, "prompts_per_step": 2, "micro_batch": 2, "lr": 0.02, "save_every": 100,
+                  "zero_stage": stage, "rollout": {"num_generations": 4, "max_completion_length": 24, "batch": 4},
+                  "grpo": {"reward": "char_match", "beta": 0.01}}})
     trainer = train_mod.Trainer(params, "pte", prompts, ["abcdefghijklmnopqrstuvwxyz"] * 4, out)
     counts = {"forward": 0, "backward": 0, "lengths": [], "prompt_len": []}
 

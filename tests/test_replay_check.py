@@ -1,6 +1,6 @@
 """The trainer's replay check separates float noise from real faults (docs/method.md, "Replay check").
 
-Genuine rollouts, sampled at T = 1 under the bounded cache, pass ``train.replay_tolerance`` for every method and
+Genuine rollouts, sampled at T = 1 under the bounded cache, pass ``train.rollout.replay_tolerance`` for every method and
 write form; a replay with an injected fault (an eviction off by one, positions shifted by one, a state that misses an
 event or takes another row's) fails it. The fast test runs a tiny model; the slow one the packaged SmolLM2-135M at
 the demo's shapes (8 rows x 128 tokens, window 32).
@@ -28,7 +28,7 @@ SETTINGS = [("lora_c", {}), ("pte", {}), ("pte", {"write": "softmax", "write_con
             ("pte", {"write_gate": True}), ("pte", {"read": "gated"}), ("pte", {"normalize": "recursive"}),
             ("pte_global_only", {}), ("pte_no_global", {})]
 FAULTS = ["evict_off_by_one", "positions_shifted", "state_skips_an_event", "state_of_another_row"]
-TOLERANCE = TrainConfig().replay_tolerance
+TOLERANCE = TrainConfig().rollout.replay_tolerance
 
 
 @contextlib.contextmanager

@@ -36,6 +36,18 @@ def test_bad_override_is_a_clear_error():
         _parse_sets(["train.steps"])
 
 
+def test_overrides_reach_nested_sections_and_moved_keys_name_their_place():
+    from pte.config import load_params
+    from research.study import _override
+
+    base = load_params("presets/cpu-demo.yaml")
+    p = _override(base, _parse_sets(["train.sft.eviction_weight=100", "train.objective=distill",
+                                     "train.distill.source=solutions"]))
+    assert p.train.sft.eviction_weight == 100 and p.train.distill.source == "solutions"
+    with pytest.raises(ValueError, match="`train.sft.eviction_weight`"):
+        _override(base, _parse_sets(["train.sft_eviction_weight=33"]))
+
+
 @pytest.mark.parametrize("budgets", [(), (64,)])
 def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread):
     """The probe trains from a base, then reports teacher-forced recall, and greedy answers per budget (none: skip)."""
@@ -50,9 +62,9 @@ def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread
     params = params_from_dict({
         "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 16}, "adapter": {"rank": 4, "alpha": 8.0},
         "pte": {"global_tokens": 4, "write": "softmax", "write_context": 2},
-        "grpo": {"max_completion_length": 24},
-        "train": {"objective": "sft", "steps": 2, "prompts_per_step": 4, "rollout_batch": 4, "micro_batch": 4,
-                  "lr": 0.01, "save_every": 100, "sft_recall_weight": 10.0, "sft_recall_steps": 1}})
+        "evaluate": {"max_new_tokens": 24},
+        "train": {"objective": "sft", "steps": 2, "prompts_per_step": 4, "micro_batch": 4, "lr": 0.01,
+                  "save_every": 100, "sft": {"recall_weight": 10.0, "recall_steps": 1}}})
     out = varchain_probe(params, "pte_no_global", "random:llama-tiny-wide", rows[:4], rows[4:], tmp_path, budgets)
     assert 0.0 <= out["tf/recall_accuracy"] <= 1.0 and out["tf/nll"] > 0 and out["eval_problems"] == 2
     assert (tmp_path / "adapter").is_dir()

@@ -34,6 +34,7 @@ def test_decode_completion_drops_only_a_trailing_eos():
 def test_training_reward_is_the_rewards_module_reward_fn():
     from pte.data.rewards import reward_fn, reward_function
 
-    fn = reward_function(params_from_dict({"grpo": {"allow_last_number": True}}).grpo)
+    params = params_from_dict({"data": {"allow_last_number": True}})
+    fn = reward_function(params.train.grpo, params.data)
     assert isinstance(fn, functools.partial) and fn.func is reward_fn and fn.keywords == {"allow_last_number": True}
     assert fn(["so the answer is 7", r"\boxed{8}"], ["7", "7"]) == [1.0, 0.0]

@@ -22,14 +22,14 @@ PROMPTS = ["Write lowercase letters.", "Only letters please:", "abc", "Letters!"
 ANSWERS = ["abcdefghijklmnopqrstuvwxyz"] * len(PROMPTS)  # char_match: fraction of generated letters
 
 
-def smoke(**train_kw):
-    train = {"steps": 20, "prompts_per_step": 4, "rollout_batch": 16, "micro_batch": 4, "lr": 0.02, "save_every": 5}
-    train.update(train_kw)
+def smoke(rollout: dict | None = None, **train_kw):
+    """Tiny GRPO params; ``rollout``: keys of ``train.rollout`` to change."""
+    train = {"steps": 20, "prompts_per_step": 4, "micro_batch": 4, "lr": 0.02, "save_every": 5,
+             "rollout": {"num_generations": 4, "max_completion_length": 24, "batch": 16, **(rollout or {})},
+             "grpo": {"reward": "char_match", "beta": 0.01}, **train_kw}
     return params_from_dict({
         "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 8}, "adapter": {"rank": 8, "alpha": 16.0},
-        "pte": {"global_tokens": 4},
-        "grpo": {"num_generations": 4, "max_completion_length": 24, "reward": "char_match", "beta": 0.01},
-        "train": train})
+        "pte": {"global_tokens": 4}, "train": train})
 
 
 def test_select_rows_is_a_permutation_per_epoch():
@@ -83,7 +83,7 @@ def test_every_method_trains_in_bf16_with_the_replay_check_on(tmp_path, method):
     from pte.engine.adapters import find_pte
 
     trainer = Trainer(smoke(steps=2, precision="bf16", device="cpu"), method, PROMPTS, ANSWERS, tmp_path)
-    assert trainer.replay_tolerance() == ("replay_tolerance_bf16", trainer.params.train.replay_tolerance_bf16)
+    assert trainer.replay_tolerance() == ("replay_tolerance_bf16", trainer.params.train.rollout.replay_tolerance_bf16)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.run(progress=False)  # the first step checks replay = rollout log-probs
@@ -99,7 +99,7 @@ def test_every_method_trains_in_bf16_with_the_replay_check_on(tmp_path, method):
 
 
 def test_replay_mismatch_stops_with_a_clear_error(tmp_path):
-    trainer = Trainer(smoke(steps=1, replay_tolerance=1e-12), "lora_c", PROMPTS, ANSWERS, tmp_path)
+    trainer = Trainer(smoke(steps=1, rollout={"replay_tolerance": 1e-12}), "lora_c", PROMPTS, ANSWERS, tmp_path)
     with pytest.raises(ReplayMismatchError, match="step 0: replay log-probs differ"):
         trainer.run(progress=False)
 
@@ -191,10 +191,10 @@ model: {source: "random:llama-tiny-wide"}
 cache: {window: 8}
 adapter: {rank: 8, alpha: 16.0}
 pte: {global_tokens: 4}
-grpo: {num_generations: 4, max_completion_length: 24, reward: char_match, beta: 0.01}
 numerics: {threads: 1}
-train: {steps: STEPS, prompts_per_step: 2, rollout_batch: 8, micro_batch: 4, lr: 0.02, save_every: 1,
-        zero_stage: STAGE}
+train: {steps: STEPS, prompts_per_step: 2, micro_batch: 4, lr: 0.02, save_every: 1, zero_stage: STAGE,
+        rollout: {num_generations: 4, max_completion_length: 24, batch: 8},
+        grpo: {reward: char_match, beta: 0.01}}
 data:
   train: [{name: "reasoning_gym:chain_sum", size: 6, seed: 0}]
   eval: [{name: "reasoning_gym:chain_sum", size: 2, seed: 1000003}]

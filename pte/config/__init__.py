@@ -6,8 +6,8 @@ range raise ``ValueError`` naming the key, the value and what is allowed. Derive
 methods, never extra YAML keys.
 
 The sections live with their concern and this module assembles them (docs/pipeline.md, "Configuration"):
-``pte.config.engine`` (model, cache, adapter, pte), ``pte.config.training`` (grpo, train, warmstart),
-``pte.config.pipeline`` (evaluate, tracking, registry), ``pte.config.numerics`` (numerics) and
+``pte.config.engine`` (model, cache, adapter, pte), ``pte.config.training`` (train with its objectives and
+rollouts, warmstart), ``pte.config.pipeline`` (evaluate, tracking, registry), ``pte.config.numerics`` (numerics) and
 ``pte.data.rows`` (data); the parsing helpers are ``pte.config.schema``. Every name stays importable from here.
 No module of them imports this one, so there is no import cycle.
 
@@ -26,8 +26,18 @@ from pte.config.engine import AdapterConfig, CacheConfig, ModelConfig, PTEConfig
 from pte.config.methods import METHODS
 from pte.config.numerics import NumericsConfig
 from pte.config.pipeline import EvalConfig, RegistryConfig, TrackingConfig
-from pte.config.schema import plain, section_from_dict
-from pte.config.training import LOSS_TYPES, GRPOConfig, TrainConfig, WarmstartConfig, check_loss_settings
+from pte.config.schema import MOVED_KEYS, plain, section_from_dict
+from pte.config.training import (
+    LOSS_TYPES,
+    SUBSECTIONS,
+    DistillConfig,
+    GRPOConfig,
+    RolloutConfig,
+    SFTConfig,
+    TrainConfig,
+    WarmstartConfig,
+    check_loss_settings,
+)
 from pte.data.rows import DataConfig
 
 __all__ = [
@@ -37,6 +47,7 @@ __all__ = [
     "BaseConfig",
     "CacheConfig",
     "DataConfig",
+    "DistillConfig",
     "EvalConfig",
     "GRPOConfig",
     "ModelConfig",
@@ -44,6 +55,8 @@ __all__ = [
     "Params",
     "PTEConfig",
     "RegistryConfig",
+    "RolloutConfig",
+    "SFTConfig",
     "SamplingConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -76,7 +89,6 @@ class Params:
     cache: CacheConfig = field(default_factory=CacheConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     pte: PTEConfig = field(default_factory=PTEConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
@@ -97,8 +109,12 @@ class Params:
             self.pte.for_method(method)  # a contradictory ablation fails here, before anything runs
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration as plain data (tuples become lists), for logging and checkpoints."""
-        return plain(dataclasses.asdict(self))
+        """The resolved configuration as plain data (tuples become lists), for logging and checkpoints; without the
+        ``train`` subsections the objective does not read, so that it loads back without a warning."""
+        data = plain(dataclasses.asdict(self))
+        unread = set(SUBSECTIONS) - set(self.train.read_sections())
+        data["train"] = {k: v for k, v in data["train"].items() if k not in unread}
+        return data
 
 
 def params_from_dict(data: dict[str, Any] | None) -> Params:
@@ -109,6 +125,12 @@ def params_from_dict(data: dict[str, Any] | None) -> Params:
     sections = {f.name: f for f in dataclasses.fields(Params)}
     hints = typing.get_type_hints(Params)
     for name in data:
+        if name == "grpo":  # the section moved into train (rollout, loss) and data (the answer oracle)
+            keys = [f"grpo.{k}" for k in (data[name] or {})]
+            raise ValueError("params: the `grpo` section moved: " + (", ".join(
+                f"`{k}` -> `{MOVED_KEYS[k]}`" for k in keys if k in MOVED_KEYS) or "rollout settings to "
+                "`train.rollout`, the loss and reward to `train.grpo`, `allow_last_number` to `data`") + "; write them "
+                "there (docs/pipeline.md, \"Configuration\").")
         if name not in sections:
             raise ValueError(f"params: unknown section `{name}`; known sections: {sorted(sections)}.")
     built = {}

@@ -57,11 +57,12 @@ class CacheConfig:
     budget: int | None = None
     """Total slots P + W (the paper's evaluation "cache size"); W = budget - P per batch."""
     evict_ratio: float = 0.25
-    """Fraction of the window evicted at once when it overflows: ceil(evict_ratio * W) tokens."""
+    """Fraction of the window evicted at once when it overflows: ceil(evict_ratio * W) tokens; the one eviction rule
+    of training rollouts and of every evaluated budget."""
     compile_decode: bool = False
     """Run the one-token decode forward of a bounded cache through ``torch.compile`` (``mode="reduce-overhead"``,
-    CUDA graphs, on a GPU; inductor's default on CPU) in training rollouts (``evaluate.compile_decode`` for the
-    evaluation). Its shapes are static (``P + W`` slots written at a tensor index), so one compile serves every step
+    CUDA graphs, on a GPU; inductor's default on CPU), in training rollouts and in the evaluation of bounded budgets
+    alike. Its shapes are static (``P + W`` slots written at a tensor index), so one compile serves every step
     of a batch shape. Off by default: on the 2-core CPU it measured no faster (docs/benchmarks.md), and each new batch
     shape compiles first (minutes on CPU)."""
 
@@ -95,6 +96,12 @@ class CacheConfig:
         if self.window == "auto":
             return max(1, prompt_len)
         return self.window
+
+    def for_budget(self, budget: int | None) -> CacheConfig:
+        """The cache of one evaluated budget: ``budget`` total slots (None = the full cache) under this cache's
+        eviction rule and decode setting."""
+        return CacheConfig(window=None, budget=budget, evict_ratio=self.evict_ratio,
+                           compile_decode=self.compile_decode)
 
     def evict_count(self, window: int) -> int:
         """Tokens evicted per event for a thinking window of ``window`` slots."""
@@ -213,8 +220,8 @@ class PTEConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     """Decoding settings of one generation call; not a ``params.yaml`` section: rollouts decode with
-    ``grpo.sampling()``, the evaluation and the registered predictor with ``evaluate.sampling()``, and ``pte generate``
-    with its command-line flags (docs/pipeline.md, "Configuration")."""
+    ``train.rollout.sampling()``, the evaluation and the registered predictor with ``evaluate.sampling()``, and
+    ``pte generate`` with its command-line flags (docs/pipeline.md, "Configuration")."""
 
     max_new_tokens: int = 256
     """Generated tokens per sequence at most."""

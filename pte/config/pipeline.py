@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pte.config.engine import CacheConfig, SamplingConfig
+from pte.config.engine import SamplingConfig
 from pte.config.methods import METHODS
 from pte.config.schema import check_range, fail
 
@@ -43,10 +43,6 @@ class EvalConfig:
     """Top-k filter (0 = off)."""
     max_new_tokens: int = 256
     """Generated tokens per sample at most; samples cut here count as truncated."""
-    evict_ratio: float = 0.25
-    """Fraction of the thinking window evicted per event, the same for every method."""
-    compile_decode: bool = False
-    """Compile the decode step of the bounded budgets (``cache.compile_decode``, the same setting for evaluation)."""
     batch_size: int = 16
     """Rows generated together; a batch holds max(1, batch_size // num_samples) whole problems."""
     max_problems: int | None = None
@@ -55,8 +51,6 @@ class EvalConfig:
     """Bootstrap resamples (over problems) for the accuracy confidence interval; 0 = no interval."""
     ci: float = 0.95
     """Confidence level of the interval."""
-    allow_last_number: bool = False
-    """Accept the last number of a completion as its answer when it has no \\boxed{} / Answer: line."""
     long_response_tokens: int | None = None
     """Length from which a response counts as long in the length histogram (null = ceil(0.2 * max_new_tokens),
     about the paper's 600 of 3096 in Fig. 6)."""
@@ -84,7 +78,6 @@ class EvalConfig:
         check_range("evaluate.top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_range("evaluate.top_k", self.top_k, 0)
         check_range("evaluate.max_new_tokens", self.max_new_tokens, 1)
-        check_range("evaluate.evict_ratio", self.evict_ratio, 0.0, 1.0, lo_open=True)
         check_range("evaluate.batch_size", self.batch_size, 1)
         check_range("evaluate.max_problems", self.max_problems, 1)
         check_range("evaluate.bootstrap", self.bootstrap, 0)
@@ -110,10 +103,6 @@ class EvalConfig:
         """The evaluation's decoding settings."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k)
-
-    def cache(self, budget: int | None) -> CacheConfig:
-        """The cache of one budget: C total slots with sliding-window eviction, or the full cache for None."""
-        return CacheConfig(window=None, budget=budget, evict_ratio=self.evict_ratio, compile_decode=self.compile_decode)
 
     def long_threshold(self) -> int:
         """Tokens from which a response counts as long."""

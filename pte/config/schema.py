@@ -95,8 +95,29 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
-MOVED_KEYS = {"train.threads": "numerics.threads", "warmstart.threads": "numerics.threads"}
-"""Keys that moved to another section: ``old -> new``, named in the error a file with the old key gets."""
+MOVED_KEYS = {
+    "train.threads": "numerics.threads", "warmstart.threads": "numerics.threads",
+    "train.rollout_batch": "train.rollout.batch", "train.check_replay": "train.rollout.check_replay",
+    "train.replay_tolerance": "train.rollout.replay_tolerance",
+    "train.replay_tolerance_bf16": "train.rollout.replay_tolerance_bf16",
+    **{f"train.sft_{k}": f"train.sft.{k}" for k in ("recall_weight", "recall_steps", "recall_weight_after",
+                                                     "eviction_weight", "eviction_steps")},
+    **{f"train.distill_{k}": f"train.distill.{k}" for k in ("beta", "source", "nll_weight")},
+    **{f"grpo.{k}": f"train.rollout.{k}" for k in ("num_generations", "max_completion_length", "temperature", "top_p",
+                                                    "top_k")},
+    **{f"grpo.{k}": f"train.grpo.{k}" for k in ("loss_type", "epsilon", "epsilon_high", "delta", "beta", "kl_cache",
+                                                 "kl_estimator", "scale_rewards", "use_bias_correction_kl", "reward")},
+    "grpo.allow_last_number": "data.allow_last_number", "evaluate.allow_last_number": "data.allow_last_number",
+    "evaluate.evict_ratio": "cache.evict_ratio", "evaluate.compile_decode": "cache.compile_decode",
+}
+"""Keys that moved: ``old -> new``, named in the error a file with the old key gets (one key per setting, each in
+the section of the concern that reads it: docs/pipeline.md, "Configuration")."""
+
+
+def moved(key: str) -> typing.NoReturn:
+    """Raise the error of a key that moved (:data:`MOVED_KEYS`)."""
+    raise ValueError(f"params: `{key}` moved to `{MOVED_KEYS[key]}`; write it there (docs/pipeline.md, "
+                     "\"Configuration\").")
 
 
 def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
@@ -109,12 +130,14 @@ def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> A
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if f"{section}.{key}" in MOVED_KEYS:
-            raise ValueError(f"params: `{section}.{key}` moved to `{MOVED_KEYS[f'{section}.{key}']}`, which every "
-                             "stage reads; write it there (docs/reproducibility.md).")
+            moved(f"{section}.{key}")
         if key not in names:
             raise ValueError(f"params: unknown key `{section}.{key}`; known keys of `{section}`: {sorted(names)}.")
     kwargs = {}
     for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. train.sft
+            kwargs[key] = section_from_dict(hints[key], value, f"{section}.{key}")
+            continue
         out = _coerce(value, hints[key])
         if out is _NO:
             fail(f"{section}.{key}", value, _type_name(hints[key]))

@@ -35,7 +35,10 @@ import time
 from collections import deque
 from fractions import Fraction
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pte.data.rows import DataConfig
 
 __all__ = ["MAX_ANSWER_CHARS", "MAX_NESTING", "MAX_TEXT_CHARS", "char_match_reward", "extract_answer", "is_equivalent",
            "reward_fn", "reward_function", "score", "shutdown"]
@@ -502,9 +505,9 @@ def char_match_reward(completions: list[str], answers: list[str]) -> list[float]
     return [sum(ch in a for ch in c) / len(c) if c and a else 0.0 for c, a in pairs]
 
 
-def reward_function(cfg) -> Any:
-    """The reward ``grpo.reward`` names (``cfg``: a :class:`pte.config.GRPOConfig`): ``(completions, answers) ->
-    rewards``."""
+def reward_function(cfg, data: DataConfig) -> Any:
+    """The reward ``train.grpo.reward`` names (``cfg``: a :class:`pte.config.GRPOConfig`), under the answer oracle of
+    ``data`` (``data.allow_last_number``): ``(completions, answers) -> rewards``."""
     if cfg.reward == "char_match":
         return char_match_reward
-    return functools.partial(reward_fn, allow_last_number=cfg.allow_last_number)
+    return functools.partial(reward_fn, allow_last_number=data.allow_last_number)

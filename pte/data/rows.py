@@ -76,6 +76,9 @@ class DataConfig:
     """Optional system message placed before the user message."""
     dedupe: bool = True
     """Drop repeated problems inside each split (the first is kept); overlap with eval is always removed."""
+    allow_last_number: bool = False
+    """The answer oracle, for the training reward and the evaluation alike: accept the last number of a completion
+    as its answer when it has no \\boxed{} / Answer: line."""
 
     def __post_init__(self) -> None:
         for split in SPLITS:

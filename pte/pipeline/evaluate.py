@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pte.config import EvalConfig
+from pte.config import CacheConfig, EvalConfig
 from pte.data.rewards import extract_answer, score
 from pte.data.rows import DataConfig, Row, format_prompt, write_json
 from pte.data.tasks import recall_score
@@ -204,7 +204,7 @@ def _prompt_lengths(tokenizer, prompts: list[str], system: str | None, chunk: in
 # Evaluation
 
 
-def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], budget: int | None, cfg: EvalConfig,
+def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], cache: CacheConfig, cfg: EvalConfig,
                     data_cfg: DataConfig, seed: int) -> tuple[list[Record], int]:
     """n samples of each problem of one batch; returns their records and the batch's peak KV slots."""
     n, tok = cfg.num_samples, generator.tokenizer
@@ -212,7 +212,7 @@ def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], b
                                system=data_cfg.system_prompt)  # [B*n, P]
     eos = eos_ids(generator.model, tok)
     rng = torch.Generator(device=generator.device).manual_seed(seed)
-    out = generate(generator.model, ids, mask, cfg.cache(budget), cfg.sampling(), eos, tok.pad_token_id, generator=rng)
+    out = generate(generator.model, ids, mask, cache, cfg.sampling(), eos, tok.pad_token_id, generator=rng)
     own = mask.sum(-1).tolist()
     records = []
     for b, token_ids in enumerate(completion_ids(out)):
@@ -220,10 +220,10 @@ def _generate_batch(generator: Generator, rows: list[Row], prompts: list[str], b
         text = decode_completion(tok, token_ids, eos)
         recalled, recalls = recall_score(row.problem, text)
         records.append({
-            "id": row.id, "source": row.source, "method": generator.method, "budget": budget, "sample": b % n,
+            "id": row.id, "source": row.source, "method": generator.method, "budget": cache.budget, "sample": b % n,
             "completion": text, "answer": row.answer,
-            "extracted": extract_answer(text, allow_last_number=cfg.allow_last_number),
-            "correct": score(text, row.answer, allow_last_number=cfg.allow_last_number) == 1.0,
+            "extracted": extract_answer(text, allow_last_number=data_cfg.allow_last_number),
+            "correct": score(text, row.answer, allow_last_number=data_cfg.allow_last_number) == 1.0,
             "length": len(token_ids), "finished": bool(out.finished[b]), "evictions": int(out.num_evictions[b]),
             "prompt_tokens": int(own[b]), "prompt_block": out.plan.prompt_len, "window": out.plan.window,
             "cache_peak_tokens": out.max_cache_tokens,
@@ -242,16 +242,19 @@ def _warn_over_budget(budget: int | None, over: list[int], rows: list[Row], leng
 
 
 def evaluate_policy(generator: Generator, rows: list[Row], budget: int | None, cfg: EvalConfig, data_cfg: DataConfig,
-                    seed: int, progress: bool = True) -> tuple[dict[str, Any], list[Record]]:
+                    seed: int, progress: bool = True, cache: CacheConfig | None = None
+                    ) -> tuple[dict[str, Any], list[Record]]:
     """Sample ``cfg.num_samples`` completions per problem under one cache budget and score them.
 
     Args:
         generator: a loaded policy; ``generator.method`` labels the records.
         rows: problems (the first ``cfg.max_problems`` are used).
         budget: total cache slots C = prompt block + thinking window, or None for the full cache.
-        cfg: the ``evaluate`` section. data_cfg: prompt template and system prompt.
+        cfg: the ``evaluate`` section. data_cfg: prompt template, system prompt and answer oracle.
         seed: the run seed; batch b samples from ``torch.Generator`` seeded with ``batch_seed(seed, budget, b)``.
         progress: tqdm bar over problems (running accuracy in its postfix) and a printed duration.
+        cache: the ``cache`` section, whose eviction rule and decode setting every budget uses (default:
+            ``CacheConfig()``'s).
 
     Returns:
         ``(metrics, records)``: :func:`summarize`'s metrics plus ``over_budget``, ``over_budget_ids``, ``seconds``,
@@ -263,6 +266,7 @@ def evaluate_policy(generator: Generator, rows: list[Row], budget: int | None, c
     from tqdm.auto import tqdm
 
     rows = list(rows[: cfg.max_problems] if cfg.max_problems else rows)
+    cache = (cache or CacheConfig()).for_budget(budget)
     start, device = time.perf_counter(), generator.device
     prompts = [format_prompt(r.problem, data_cfg) for r in rows]
     lengths = _prompt_lengths(generator.tokenizer, prompts, data_cfg.system_prompt)
@@ -274,7 +278,7 @@ def evaluate_policy(generator: Generator, rows: list[Row], budget: int | None, c
     label = f"{generator.method} C={budget_label(budget)}"
     bar = tqdm(total=sum(map(len, batches)), desc=label, unit="problem", disable=not progress)
     for b, idx in enumerate(batches):
-        recs, slots = _generate_batch(generator, [rows[i] for i in idx], [prompts[i] for i in idx], budget, cfg,
+        recs, slots = _generate_batch(generator, [rows[i] for i in idx], [prompts[i] for i in idx], cache, cfg,
                                       data_cfg, batch_seed(seed, budget, b))
         kv_peak = max(kv_peak, slots * len(recs) * per_token)
         for j, i in enumerate(idx):
@@ -333,16 +337,17 @@ def _summary(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float |
 
 
 def _evaluate_sources(gen: Generator, rows: list[Row], budget: int | None, cfg: EvalConfig, data_cfg: DataConfig,
-                      seed: int, progress: bool) -> tuple[dict[str, Any], list[Record]]:
+                      seed: int, progress: bool, cache: CacheConfig | None) -> tuple[dict[str, Any], list[Record]]:
     """:func:`evaluate_policy` over all ``rows``, or, with ``evaluate.protocols``, over each source with its own
     protocol: then the metrics hold ``datasets`` ({source: metrics}) and ``accuracy`` is their mean (the paper's
     "Avg"; no interval across datasets), counts are summed and measured memory and time are the largest / total."""
     if not cfg.protocols:
-        return evaluate_policy(gen, rows, budget, cfg, data_cfg, seed, progress=progress)
+        return evaluate_policy(gen, rows, budget, cfg, data_cfg, seed, progress=progress, cache=cache)
     groups: dict[str, list[Row]] = {}
     for r in rows:
         groups.setdefault(r.source, []).append(r)
-    parts = {src: evaluate_policy(gen, grp, budget, cfg.for_source(src), data_cfg, seed, progress=progress)
+    parts = {src: evaluate_policy(gen, grp, budget, cfg.for_source(src), data_cfg, seed, progress=progress,
+                                  cache=cache)
              for src, grp in groups.items()}
     per = {src: m for src, (m, _) in parts.items()}
     measured = {"seconds": sum(m.pop("seconds") for m in per.values()),
@@ -360,16 +365,20 @@ def _evaluate_sources(gen: Generator, rows: list[Row], budget: int | None, cfg: 
 
 def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | None], rows: list[Row], cfg: EvalConfig,
                  data_cfg: DataConfig, out_dir: str | Path, seed: int, dtype: str = "float32",
-                 device: str | None = None, progress: bool = True) -> dict[str, Any]:
+                 device: str | None = None, progress: bool = True, cache: CacheConfig | None = None
+                 ) -> dict[str, Any]:
     """Evaluate every method of ``cfg.methods`` under every budget of ``cfg.budgets`` and write the reports.
 
     Args:
         base_model_dir: the base model (HF directory, hub id or ``random:<preset>``), loaded once per method.
         adapters: method -> adapter directory (``base`` -> None); each adapter's recorded method must match.
-        rows: evaluation problems. cfg: the ``evaluate`` section. data_cfg: prompt template and system prompt.
+        rows: evaluation problems. cfg: the ``evaluate`` section. data_cfg: prompt template, system prompt and
+            answer oracle.
         out_dir: output folder. seed: the run seed (``base.seed``).
         dtype, device: model precision and device (default: CUDA when available).
         progress: progress bars and durations.
+        cache: the ``cache`` section: the eviction rule and decode setting of every budget (see
+            :func:`evaluate_policy`).
 
     Writes:
         ``metrics.json`` ({method: {budget_label: metrics}, "summary": flat}; numbers only, no wall time or measured
@@ -397,7 +406,7 @@ def evaluate_all(base_model_dir: str | Path, adapters: dict[str, str | Path | No
                              "fix the method -> adapter mapping.")
         for budget in cfg.budgets:
             label = budget_label(budget)
-            metrics, recs = _evaluate_sources(gen, rows, budget, cfg, data_cfg, seed, progress)
+            metrics, recs = _evaluate_sources(gen, rows, budget, cfg, data_cfg, seed, progress, cache)
             over_ids[label] = metrics.pop("over_budget_ids")
             results.setdefault(method, {})[label] = metrics
             records[(method, label)] = recs

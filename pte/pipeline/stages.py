@@ -124,22 +124,21 @@ def stage_evaluate(params: Params, base: str | None, models: Path, data: Path, o
 
     adapters = {m: None if m == "base" else models / m / "adapter" for m in params.evaluate.methods}
     metrics = evaluate_all(base or params.model.source, adapters, read_jsonl(data), params.evaluate, params.data,
-                           out, params.base.seed, dtype=params.model.dtype)
+                           out, params.base.seed, dtype=params.model.dtype, cache=params.cache)
     return metrics["summary"]
 
 
 def stage_register(params: Params, base: str | None, adapter: Path, metrics: Path) -> dict[str, Any]:
     """Register the trained policy in MLflow; ``champion`` only when it beats the current one."""
-    from pte.config import CacheConfig
     from pte.pipeline.registry import register
 
     ev = params.evaluate
     budget = params.registry.budget_key()
-    cache = CacheConfig(window=None) if budget == "full" else params.cache
+    cache = params.cache.for_budget(None) if budget == "full" else params.cache
     if budget not in ("full", "min"):
-        cache = CacheConfig(window=None, budget=int(budget), evict_ratio=ev.evict_ratio)
+        cache = params.cache.for_budget(int(budget))
     elif budget == "min" and any(b is not None for b in ev.budgets):
-        cache = CacheConfig(window=None, budget=min(b for b in ev.budgets if b is not None), evict_ratio=ev.evict_ratio)
+        cache = params.cache.for_budget(min(b for b in ev.budgets if b is not None))
     return register(adapter, base or params.model.source, metrics, params.registry, params.tracking, cache=cache,
                     sampling=ev.sampling(), dtype=params.model.dtype, base_source=params.model.source,
                     seed=params.base.seed, data=params.data)

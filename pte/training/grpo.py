@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pte.config import LOSS_TYPES, GRPOConfig, check_loss_settings
+from pte.config import LOSS_TYPES, TrainConfig, check_loss_settings
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 RewardScale = Literal["group", "batch", "none"]
@@ -112,7 +112,7 @@ def group_advantages(
 @dataclass(frozen=True)
 class GRPOLossConfig:
     """Loss settings, with the names and meanings of TRL 1.16's ``GRPOConfig`` (and its defaults, for the tests
-    against TRL); the trainer builds it from the ``grpo:`` section with :meth:`from_config`, and both are validated
+    against TRL); the trainer builds it from the ``train.grpo`` section with :meth:`from_config`, and both are validated
     by the same ``pte.config.check_loss_settings``.
 
     Attributes:
@@ -136,15 +136,18 @@ class GRPOLossConfig:
     use_bias_correction_kl: bool = True
 
     def __post_init__(self) -> None:
-        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.max_completion_length,
-                            self.delta)
+        check_loss_settings(self.loss_type, self.epsilon, self.epsilon_high, self.beta, self.delta)
+        if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
+            raise ValueError(f"max_completion_length = {self.max_completion_length!r}: loss_type 'dr_grpo' needs a "
+                             "positive integer (its constant normaliser, train.rollout.max_completion_length).")
 
     @classmethod
-    def from_config(cls, cfg: GRPOConfig) -> GRPOLossConfig:
-        """The loss settings of the ``grpo:`` section (the single source of truth for training)."""
-        return cls(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                   max_completion_length=cfg.max_completion_length, delta=cfg.delta,
-                   use_bias_correction_kl=cfg.use_bias_correction_kl)
+    def from_config(cls, cfg: TrainConfig) -> GRPOLossConfig:
+        """The loss settings of ``train.grpo`` and ``train.rollout`` (the single source of truth for training)."""
+        g = cfg.grpo
+        return cls(loss_type=g.loss_type, epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                   max_completion_length=cfg.rollout.max_completion_length, delta=g.delta,
+                   use_bias_correction_kl=g.use_bias_correction_kl)
 
     def upper_epsilon(self) -> float:
         """The effective ε_high: ``epsilon_high`` if set, else ``epsilon``."""
@@ -278,7 +281,7 @@ def per_token_objective(
         mask: ``[B, T]`` completion mask (bool or 0/1) for the same columns.
         cfg: Loss settings.
         exact_kl: ``[B, T]`` the exact per-position KL(policy || reference) over the whole vocabulary (with its
-            graph), used instead of the k3 estimate from ``ref_logprobs`` (``grpo.kl_estimator: exact``).
+            graph), used instead of the k3 estimate from ``ref_logprobs`` (``train.grpo.kl_estimator: exact``).
 
     Returns:
         ``([B, T]`` per-token loss, zero where masked; detached stats for these columns).

@@ -124,7 +124,8 @@ def grpo_chunk(lp: torch.Tensor, old_lp: torch.Tensor, ref_lp: torch.Tensor | No
 
     Args:
         lp, old_lp, ref_lp, mask, weights: ``[B, n]`` the chunk's columns (``ref_lp`` None without a k3 KL).
-        advantages: ``[B]``. exact_kl: ``[B, n]`` the exact KL per position (``grpo.kl_estimator: exact``) or None.
+        advantages: ``[B]``. exact_kl: ``[B, n]`` the exact KL per position (``train.grpo.kl_estimator: exact``) or
+            None.
 
     Returns:
         ``(loss, stats)``.
@@ -180,7 +181,7 @@ def sft_chunk(lp: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor, mask
 
 def sft_weights(mask: torch.Tensor, recall: torch.Tensor, recall_weight: float) -> torch.Tensor:
     """``[B, T]`` float token weights of the ``sft`` loss: 1 per valid token, ``recall_weight`` per valid recall token
-    (``train.sft_recall_weight``, an oracle label of ``var_chain``: a research setting), 0 on padding."""
+    (``train.sft.recall_weight``, an oracle label of ``var_chain``: a research setting), 0 on padding."""
     valid = mask.bool()
     return valid.float() + (recall_weight - 1.0) * (recall & valid).float()
 

@@ -107,12 +107,13 @@ class Trainer:
         if params.train.teacher_forced() and (solutions is None or len(solutions) != len(prompts)):
             raise ValueError(f"train.objective = {params.train.objective!r} (on worked solutions) needs a worked "
                              "solution for every training row; use a source with a solution writer (var_chain, "
-                             "reasoning_gym:chain_sum), objective grpo, or distill with distill_source: rollouts.")
+                             "reasoning_gym:chain_sum), objective grpo, or distill with train.distill.source: "
+                             "rollouts.")
         self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
         self.problems, self.solutions = problems, solutions
         self._rows: list[int] = []  # the training rows of the current step (this rank's share)
         self.out_dir = Path(out_dir)
-        self.reward_fn = reward_fn or reward_function(params.grpo)
+        self.reward_fn = reward_fn or reward_function(params.train.grpo, params.data)
         cfg = params.train
         if cfg.prompts_per_step % world_size():
             raise ValueError(f"train.prompts_per_step = {cfg.prompts_per_step} must be a multiple of the number of "
@@ -132,7 +133,7 @@ class Trainer:
             model.activation_checkpointing_enable({"use_reentrant": False})
         self.engine = init_engine(self.model, cfg, self.runtime)
         self.cache_cfg = params.cache if trains_with_bounded_cache(method) else CacheConfig(window=None)
-        self.loss_cfg = GRPOLossConfig.from_config(params.grpo)
+        self.loss_cfg = GRPOLossConfig.from_config(params.train)
         local = JsonlTracker(self.out_dir / "metrics.jsonl") if is_main() else NullTracker()
         self.tracker = MultiTracker(local, tracker) if (tracker is not None and is_main()) else local
         self.step = self.first_step = 0
@@ -141,19 +142,20 @@ class Trainer:
     def _rollouts(self, rows: list[int]) -> tuple[list[Rollout], list[torch.Tensor]]:
         """Sample the step's groups: ``(chunks, [rewards [B], recall [2]])``, recall = (values recalled right, recalls)
         of the rollouts (zeros without problem texts)."""
-        g, cfg = self.params.grpo.num_generations, self.params.train
+        cfg = self.params.train.rollout
+        g = cfg.num_generations
         prompts = [self.prompts[i] for i in rows for _ in range(g)]
         chunks, texts = [], []
         eos = eos_ids(self.model, self.tok)
-        for c in range(0, len(prompts), cfg.rollout_batch):
-            ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.rollout_batch], device=self.runtime.device,
+        for c in range(0, len(prompts), cfg.batch):
+            ids, mask = encode_prompts(self.tok, prompts[c : c + cfg.batch], device=self.runtime.device,
                                        system=self.params.data.system_prompt)
             if world_size() > 1:  # one prompt block width on all ranks: the same cache plan, so the same replay chunks
                 width = int(all_reduce([float(ids.shape[1])], self.runtime.device, "max")[0])
                 ids, mask = left_pad(ids, mask, width, self.tok.pad_token_id)
             seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
             gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
-            out = generate(self.model, ids, mask, self.cache_cfg, self.params.grpo.sampling(), eos,
+            out = generate(self.model, ids, mask, self.cache_cfg, cfg.sampling(), eos,
                            self.tok.pad_token_id, generator=gen, sync_ranks=True)
             chunks.append(out)
             texts += [decode_completion(self.tok, ids, eos) for ids in completion_ids(out)]
@@ -167,20 +169,20 @@ class Trainer:
     def _reference(self, out: Rollout, rows: slice) -> torch.Tensor | None:
         if self.loss_cfg.beta == 0.0:
             return None
-        plan = out.plan if self.params.grpo.kl_cache == "bounded" else CachePlan(out.plan.prompt_len, None, 0)
+        plan = out.plan if self.params.train.grpo.kl_cache == "bounded" else CachePlan(out.plan.prompt_len, None, 0)
         with torch.no_grad(), adapters_disabled(self.model):
             return replay_logprobs(self.model, out.prompt_ids[rows], out.prompt_mask[rows], out.tokens[rows],
-                                   out.mask[rows], plan, self.params.grpo.temperature)
+                                   out.mask[rows], plan, self.params.train.rollout.temperature)
 
     def _update(self, chunks: list[Rollout], advantages: torch.Tensor, check: bool) -> dict[str, float]:
-        cfg, dev, temp = self.params.train, self.runtime.device, self.params.grpo.temperature
+        cfg, dev, temp = self.params.train, self.runtime.device, self.params.train.rollout.temperature
         chunks = align_ranks(chunks, self.tok.pad_token_id, dev)  # same forwards/backwards on every rank
         rows = sum(c.tokens.shape[0] for c in chunks)
         tokens = sum(float(c.mask.sum()) for c in chunks)
         world = world_size()
         num_seq, num_tok = (x / world for x in all_reduce([float(rows), tokens], dev))
         totals, offset = ChunkTotals(), 0
-        exact = self.params.grpo.kl_estimator == "exact" and self.loss_cfg.beta > 0
+        exact = self.params.train.grpo.kl_estimator == "exact" and self.loss_cfg.beta > 0
         for out in chunks:
             weights = token_weights(out.mask, self.loss_cfg.loss_type, self.loss_cfg.max_completion_length,
                                     num_sequences=num_seq, num_tokens=num_tok)
@@ -213,7 +215,7 @@ class Trainer:
     def _sft_update(self, rows: list[int]) -> dict[str, float]:
         """One teacher-forced step on the rows' worked solutions under the method's training cache: the ``sft`` NLL,
         or (``distill`` on ``solutions``) the divergence from the adapter-disabled full-cache model, plus
-        ``distill_nll_weight`` times the NLL."""
+        ``train.distill.nll_weight`` times the NLL."""
         cfg, dev, tok = self.params.train, self.runtime.device, self.tok
         batch = sft_batch(tok, [self.prompts[i] for i in rows], [self.problems[i] for i in rows],
                           [self.solutions[i] for i in rows], self.params.data.system_prompt,
@@ -221,7 +223,7 @@ class Trainer:
         plan = plan_cache(self.cache_cfg, batch.prompt_ids.shape[1])
         distill = cfg.objective == "distill"
         w_recall = 1.0 if distill else recall_weight(cfg, self.step)
-        nll_weight = cfg.distill_nll_weight if distill else 1.0
+        nll_weight = cfg.distill.nll_weight if distill else 1.0
         weights, agreement = sft_token_weights(self.model, batch, plan, sft_weights(batch.mask, batch.recall, w_recall),
                                                eviction_weight(cfg, self.step), cfg.micro_batch)
         num_tok, weight = all_reduce([float(batch.mask.sum()), float(weights.sum())], dev)
@@ -237,7 +239,7 @@ class Trainer:
                                         batch.recall[sl, cols], weight, weights[sl, cols])
                 loss = nll * nll_weight
                 if teacher is not None:
-                    div = jsd_loss(logits, teacher.logits(cols), batch.mask[sl, cols], cfg.distill_beta, num_tok)
+                    div = jsd_loss(logits, teacher.logits(cols), batch.mask[sl, cols], cfg.distill.beta, num_tok)
                     loss = loss + div
                     sums[4] += float(div.detach())
                 self._backward(loss)
@@ -262,7 +264,7 @@ class Trainer:
 
     def _distill_update(self, chunks: list[Rollout], check: bool) -> dict[str, float]:
         """One step of on-policy distillation toward the adapter-disabled full-cache model, chunk by chunk."""
-        cfg, dev, temp = self.params.train, self.runtime.device, self.params.grpo.temperature
+        cfg, dev, temp = self.params.train, self.runtime.device, self.params.train.rollout.temperature
         chunks = align_ranks(chunks, self.tok.pad_token_id, dev)
         num_tok = all_reduce([sum(float(c.mask.sum()) for c in chunks)], dev)[0]
         totals, offset = ChunkTotals(), 0
@@ -273,7 +275,7 @@ class Trainer:
 
                 def on_segment(cols, lp, logits, sl=sl, teacher=teacher, out=out, row0=offset + m):
                     old, mask = out.logprobs[sl, cols], out.mask[sl, cols]
-                    loss = jsd_loss(logits, teacher.logits(cols), mask, cfg.distill_beta, num_tok, temp)
+                    loss = jsd_loss(logits, teacher.logits(cols), mask, cfg.distill.beta, num_tok, temp)
                     self._backward(loss)
                     totals.add(loss, replay_gap(lp, old, mask, row0, cols.start))
 
@@ -292,21 +294,21 @@ class Trainer:
         prob, logprob = all_reduce([gap.prob, gap.logprob], self.runtime.device, "max")
         key, tolerance = self.replay_tolerance()
         if check and prob > tolerance:
-            g = self.params.grpo.num_generations
+            g = self.params.train.rollout.num_generations
             where = (f"training row {self._rows[gap.row // g]} (sample {gap.row % g}), completion token {gap.col}: "
                      f"probability {math.exp(gap.rollout_logprob):.4g} in the rollout, "
                      f"{math.exp(gap.replay_logprob):.4g} in the replay" if gap.prob == prob else "another rank")
             raise ReplayMismatchError(
                 f"step {self.step}: replay log-probs differ from rollout log-probs: a token's probability moved by "
-                f"{prob:.2e} (> train.{key} = {tolerance:g}, precision {self.runtime.precision}) at {where}. The "
-                "replay does not reproduce the rollout's cache or state (an eviction, a position or a state update "
+                f"{prob:.2e} (> train.rollout.{key} = {tolerance:g}, precision {self.runtime.precision}) at {where}. "
+                "The replay does not reproduce the rollout's cache or state (an eviction, a position or a state update "
                 "differs), so the loss would train another policy. Check in fp32 (train.precision: fp32); if it "
                 "persists, report the model family and this message.")
         return {"replay/max_prob_diff": prob, "replay/max_abs_diff": logprob}
 
     def replay_tolerance(self) -> tuple[str, float]:
         """``(setting, value)`` of the replay check's bound for this run's precision (bf16 rounds far more)."""
-        cfg = self.params.train
+        cfg = self.params.train.rollout
         if self.runtime.precision == "bf16":
             return "replay_tolerance_bf16", cfg.replay_tolerance_bf16
         return "replay_tolerance", cfg.replay_tolerance
@@ -335,9 +337,9 @@ class Trainer:
         if not torch.isfinite(rewards).all():
             raise TrainingDivergedError(f"step {self.step}: a reward is NaN/inf ({rewards.tolist()}); stopping before "
                                         "the optimizer step (the last checkpoint is untouched).")
-        g = self.params.grpo.num_generations
-        adv = group_advantages(rewards, g, scale=self.params.grpo.scale_rewards)
-        check = self.params.train.check_replay
+        g = self.params.train.rollout.num_generations
+        adv = group_advantages(rewards, g, scale=self.params.train.grpo.scale_rewards)
+        check = self.params.train.rollout.check_replay
         if cfg.objective == "distill":
             metrics = self._distill_update(chunks, check)
         else:
@@ -370,11 +372,13 @@ class Trainer:
     def _run_signature(self, params: dict) -> dict:
         """The settings a checkpoint must share to be resumed (the step budget and I/O cadence may change)."""
         # the replay check only decides whether to stop; it changes no weight
-        ignored = ("steps", "save_every", "keep_checkpoints", "methods", "check_replay", "replay_tolerance",
-                   "replay_tolerance_bf16")
-        train = {k: v for k, v in params.get("train", {}).items() if k not in ignored}
-        keep = ("base", "model", "cache", "adapter", "pte", "grpo")
-        return {**{k: params.get(k) for k in keep}, "train": train}
+        train = {k: v for k, v in params.get("train", {}).items()
+                 if k not in ("steps", "save_every", "keep_checkpoints", "methods")}
+        train["rollout"] = {k: v for k, v in train.get("rollout", {}).items()
+                            if k not in ("check_replay", "replay_tolerance", "replay_tolerance_bf16")}
+        keep = ("base", "model", "cache", "adapter", "pte")
+        return {**{k: params.get(k) for k in keep}, "train": train,
+                "allow_last_number": params.get("data", {}).get("allow_last_number")}
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint; a checkpoint of other settings is discarded (fresh start)."""
