@@ -65,21 +65,20 @@ def tracking(tmp_path_factory) -> TrackingConfig:
     return TrackingConfig(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=str(root / "artifacts"))
 
 
-def test_select_metric_shapes():
+def test_select_metric_reads_the_evaluate_stage_metrics():
     m = _metrics(0.5)
     assert select_metric(m, "accuracy", "min", "pte") == (0.5, "64")
     assert select_metric(m, "accuracy", "full", "pte") == (0.9, "full")
     assert select_metric(m, "accuracy", "128", "pte") == (0.8, "128")
     assert select_metric(m, "accuracy", "min", "lora") == (0.99, "64")
-    assert select_metric({"budget_32": {"pass@4": 0.3}, "full": {"pass@4": 0.6}}, "pass@4") == (0.3, "32")
-    assert select_metric({"accuracy": 0.4}, "accuracy", "64") == (0.4, "any")
-    assert select_metric({"256": {"accuracy": None}, "512": {"accuracy": 0.2}}, "accuracy") == (0.2, "512")
+    assert select_metric({"pte": {"32": {"pass@4": 0.3}, "full": {"pass@4": 0.6}}}, "pass@4") == (0.3, "32")
+    assert select_metric({"pte": {"256": {"accuracy": None}, "512": {"accuracy": 0.2}}}, "accuracy") == (0.2, "512")
     with pytest.raises(ValueError, match="registry.metric"):
         select_metric(m, "f1", "min", "pte")
     with pytest.raises(ValueError, match="registry.budget.*'64', '128', 'full'"):
         select_metric(m, "accuracy", "32", "pte")
-    with pytest.raises(ValueError, match="ambiguous"):
-        select_metric(m, "accuracy", "64")  # two methods, none named
+    with pytest.raises(ValueError, match=r"no method 'lora_c'; methods there: \['lora', 'pte'\]"):
+        select_metric(m, "accuracy", "64", "lora_c")
 
 
 def _alias_version(tracking: TrackingConfig, name: str, alias: str) -> str:

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -41,7 +40,7 @@ from mlflow.exceptions import MlflowException
 
 from pte.config import CacheConfig, RegistryConfig, SamplingConfig, TrackingConfig
 from pte.data.rows import DataConfig, format_prompt
-from pte.engine.adapters import METHODS, read_adapter_meta
+from pte.engine.adapters import read_adapter_meta
 from pte.pipeline.tracking import clean_metrics, ensure_experiment, environment_tags, require_reachable, run_context
 
 __all__ = ["CHALLENGER", "CHAMPION", "PTEPredictor", "load_champion", "package_policy", "register", "select_metric"]
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME = "policy"  # the LoggedModel's name inside its run
 OUTPUT_COLUMNS = ["text", "num_evictions", "max_cache_tokens", "finished"]
-_FULL_LABELS = ("full", "null", "none", "full_cache", "inf")
 _MAX_VERSION_TAG = 100_000  # mlflow's MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
 
 
@@ -150,14 +148,6 @@ def _prompts(model_input: Any) -> list[str]:
     return values
 
 
-def _budget_label(part: str) -> str | None:
-    p = part.strip().lower()
-    if p in _FULL_LABELS:
-        return "full"
-    m = re.fullmatch(r"(?:budget|c)?[_=:-]?(\d+)", p)
-    return str(int(m.group(1))) if m else None
-
-
 def _leaves(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -167,55 +157,39 @@ def _leaves(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, .
 
 
 def select_metric(eval_metrics: dict[str, Any], metric: str, budget: str = "min",
-                  method: str | None = None) -> tuple[float, str]:
-    """Find the compared value in evaluation metrics of any nesting.
-
-    Accepts ``{budget: {metric: v}}``, ``{method: {budget: {metric: v}}}`` (the evaluate stage's ``metrics.json``),
-    flat ``"<method>/<budget>/<metric>"`` keys, or ``{metric: v}`` (no budget; labelled ``any``). Budget keys are
-    integers (``"128"``, ``"budget_128"``) or ``full``; paths naming another method than ``method`` are ignored.
+                  method: str = "pte") -> tuple[float, str]:
+    """The compared value in the evaluate stage's ``metrics.json``: ``eval_metrics[method][budget][metric]``.
 
     Args:
-        eval_metrics: the evaluation's metrics.
-        metric: the metric's key, e.g. ``accuracy``.
+        eval_metrics: ``{method: {budget_label: {metric: value}}}`` (budget labels ``"140"``, ``"full"``; other
+            top-level keys such as ``summary`` are ignored).
+        metric: the metric's key, e.g. ``accuracy`` or ``pass@4``.
         budget: ``min`` (the tightest budget with a finite value), ``full`` or a budget as a string.
-        method: the registered method (``pte``, ``lora`` ...), to pick its entries.
+        method: the registered method (``pte``, ``lora`` ...).
 
     Returns:
-        ``(value, budget_label)``; the label is ``any`` for metrics without budgets.
+        ``(value, budget_label)``.
 
     Raises:
-        ValueError: the metric is missing, has no value at that budget, or is ambiguous (names what is available).
+        ValueError: the method or metric is missing, or has no finite value at that budget (names what is there).
     """
-    want = tuple(metric.split("/"))
-    others = set(METHODS) - {method} if method else set()
-    found: dict[str, set[float]] = {}
-    for path, value in _leaves(eval_metrics):
-        head = path[: len(path) - len(want)]
-        if path[len(head):] != want or others & set(head) or isinstance(value, bool):
-            continue
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            continue
-        labels = {b for b in map(_budget_label, head) if b}
-        if len(labels) <= 1:
-            found.setdefault(labels.pop() if labels else "any", set()).add(float(value))
+    per_budget = eval_metrics.get(method)
+    if not isinstance(per_budget, dict):
+        raise ValueError(f"the evaluation metrics hold no method {method!r}; methods there: "
+                         f"{sorted(k for k, v in eval_metrics.items() if isinstance(v, dict) and k != 'summary')}.")
+    found = {label: float(m[metric]) for label, m in per_budget.items()
+             if isinstance(m, dict) and isinstance(m.get(metric), (int, float)) and not isinstance(m[metric], bool)
+             and math.isfinite(m[metric])}
     if not found:
-        names = sorted({p[-1] for p, v in _leaves(eval_metrics) if isinstance(v, (int, float)) and p})
+        names = sorted({k for m in per_budget.values() if isinstance(m, dict) for k in m})
         raise ValueError(f"registry.metric = {metric!r}: no finite value for method {method!r} in the evaluation "
                          f"metrics; metric names there: {names[:20]}. Set registry.metric to one of them.")
-    budgeted = sorted((b for b in found if b != "any"), key=lambda b: math.inf if b == "full" else int(b))
-    if budget == "min":
-        pick = budgeted[0] if budgeted else "any"
-    elif budget in found:
-        pick = budget
-    elif not budgeted:
-        pick = "any"
-    else:
+    budgeted = sorted(found, key=lambda b: math.inf if b == "full" else int(b))
+    pick = budgeted[0] if budget == "min" else budget
+    if pick not in found:
         raise ValueError(f"registry.budget = {budget!r}: no {metric!r} at that budget; evaluated budgets with a value: "
                          f"{budgeted}. Set registry.budget to one of them or 'min'.")
-    if len(found[pick]) > 1:
-        raise ValueError(f"{metric!r} at budget {pick} is ambiguous ({sorted(found[pick])}); pass the metrics of one "
-                         "method (or the method name) to register.")
-    return next(iter(found[pick])), pick
+    return found[pick], pick
 
 
 def _requirements(gguf: bool) -> list[str]:
@@ -333,7 +307,7 @@ def _champion_value(champ, metric: str, label: str) -> float | None:
         return float(tags["pte.metric"])
     try:
         value, got = select_metric(json.loads(tags.get("pte.eval_metrics", "{}")), metric, label,
-                                   tags.get("pte.method"))
+                                   tags.get("pte.method", "pte"))
     except (ValueError, json.JSONDecodeError):
         return None
     return value if got == label else None
