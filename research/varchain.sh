@@ -145,3 +145,19 @@ V10="${V9% --out*} --out research/results/varchain-10.jsonl"
 for method in pte_no_global lora_c; do
   $V10 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed0 --methods $method $SFT $SM $M $EW --set base.seed=0
 done
+# From commit 7d87ed0 on, the objectives' keys are nested (train.sft.*, train.distill.*, train.rollout.*; the old
+# flat names above are errors that name the new key), and the cpu-demo preset itself trains with EW. Next runs
+# (results in research/results/varchain-11.jsonl): EW on seeds 1 and 2, each with its LoRA_c twin, then EW with
+# alpha 100 on seed 0 (the weighted phase moved the recall little at alpha 33: research/log.md, tenth entry).
+V11="${V9% --out*} --out research/results/varchain-11.jsonl"
+SFT11="--set train.objective=sft --set train.prompts_per_step=8 --set train.micro_batch=8 --set train.save_every=1000"
+EW11="--set train.sft.eviction_weight=33 --set train.sft.eviction_steps=60"
+for seed in 1 2; do
+  for method in pte_no_global lora_c; do
+    $V11 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed$seed --methods $method $SFT11 $EW11 --set base.seed=$seed
+  done
+done
+for method in pte_no_global lora_c; do
+  $V11 --tag d4-EW-a100x60-wsd3e-3-d30-90-seed0 --methods $method $SFT11 --set train.sft.eviction_weight=100 \
+     --set train.sft.eviction_steps=60 --set base.seed=0
+done
