@@ -4,6 +4,7 @@ bounded by one chunk, and GRPO can start from their adapters."""
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from pte.training.objectives import (
     jsd_loss,
     recall_positions,
     sft_chunk,
+    sft_token_weights,
     sft_weights,
 )
 from pte.training.train import Trainer, train
@@ -304,6 +306,13 @@ def test_eviction_sensitivity_is_the_frozen_base_nll_gap_and_zero_without_evicti
     assert float((sens * (1 - mask)).abs().sum()) == 0 and sens.abs().max() > 1e-3
     wide = plan_cache(dataclasses.replace(params("sft").cache, window=512), ids.shape[1])
     assert eviction_sensitivity(model, ids, pmask, tokens, mask, wide).abs().max() < 1e-4
+    # a full cache: exactly 0 (the same forward twice), so the weights skip it and stay what they were
+    full_plan = plan_cache(dataclasses.replace(params("sft").cache, window=None), ids.shape[1])
+    assert full_plan.window is None and not eviction_sensitivity(model, ids, pmask, tokens, mask, full_plan).any()
+    rows = SimpleNamespace(prompt_ids=ids, prompt_mask=pmask, tokens=tokens, mask=mask, recall=torch.zeros_like(mask))
+    weights = mask.float()
+    same, agreement = sft_token_weights(None, rows, full_plan, weights, 33.0, 2)  # None: the model is never called
+    assert same is weights and agreement is None
 
 
 def test_label_agreement_counts_by_hand():

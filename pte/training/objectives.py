@@ -203,8 +203,10 @@ def sft_token_weights(model: nn.Module, batch: SFTBatch, plan: CachePlan, weight
                       micro_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, T]`` token weights of a teacher-forced step: ``weights`` (:func:`sft_weights`) plus ``alpha * max(0, s)``
     with ``s`` the :func:`eviction_sensitivity` (computed ``micro_batch`` rows at a time, only when ``alpha > 0``);
-    and ``s``'s :func:`label_agreement` with the recall labels (None when ``alpha`` is 0)."""
-    if alpha == 0.0:
+    and ``s``'s :func:`label_agreement` with the recall labels (None when ``alpha`` is 0). A full cache
+    (``plan.window`` None, ``lora``) evicts nothing, so its ``s`` is exactly 0 (the same forward twice) and is not
+    computed: ``weights`` are returned as they are, with no agreement."""
+    if alpha == 0.0 or plan.window is None:
         return weights, None
     sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + micro_batch],
                                            batch.prompt_mask[a : a + micro_batch], batch.tokens[a : a + micro_batch],
