@@ -116,9 +116,11 @@ def greedy_eval_config(params, budgets: tuple[int | None, ...]):
 
 
 def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir: Path,
-                   budgets: tuple[int | None, ...] = (140,)) -> dict[str, float]:
+                   budgets: tuple[int | None, ...] = (140,), trained: Path | None = None) -> dict[str, float]:
     """Train ``method`` from ``base`` with ``params`` on ``rows`` and measure recall on the held-out rows ``ev``:
-    teacher-forced under the training cache, and greedy generation under each of ``budgets`` (may be empty)."""
+    teacher-forced under the training cache, and greedy generation under each of ``budgets`` (may be empty).
+    ``trained``: measure the adapter ``trained/<method>/adapter`` (e.g. a pipeline run's ``models``) instead of
+    training one."""
     from pte.data.rows import format_prompt
     from pte.data.tasks import worked_solutions
     from pte.engine.inference import Generator
@@ -128,12 +130,13 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
 
     params = with_base(params, base)
     t0 = time.perf_counter()
-    if method != "base":
+    adapter = out_dir / "adapter" if trained is None else Path(trained) / method / "adapter"
+    if method != "base" and trained is None:
         train(params, method, [format_prompt(r.problem, params.data) for r in rows], [r.answer for r in rows],
               out_dir, resume=False, progress=True, problems=[r.problem for r in rows],
               solutions=worked_solutions(rows, "varchain probe", _NEEDS))
     seconds = time.perf_counter() - t0
-    gen = Generator.load(base, None if method == "base" else str(out_dir / "adapter"))
+    gen = Generator.load(base, None if method == "base" else str(adapter))
     tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in ev],
                                [format_prompt(r.problem, params.data) for r in ev],
                                worked_solutions(ev, "varchain probe", _NEEDS), params.cache,
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="held-out problems: data.eval's first source regenerated at this size, minus train problems")
     var.add_argument("--budgets", nargs="*", default=["140"], help="generation budgets (null = full); none = skip")
     var.add_argument("--runs", default="runs/study")
+    var.add_argument("--trained", default=None,
+                     help="measure the adapters <dir>/<method>/adapter of an earlier run (e.g. models) instead of "
+                          "training them")
     for p in (mech, var):
         p.add_argument("--set", action="append", default=[], help="key=value override (repeatable)")
         p.add_argument("--out", default=None, help="JSON-lines results file (appended)")
@@ -224,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         name = f"varchain-{method}-{args.tag or int(time.time())}"
         tracker = _tracker("pte-study", name, {"study": "varchain", "method": method, "tag": args.tag})
-        res = varchain_probe(params, method, args.base, rows, ev, Path(args.runs) / name, budgets)
+        res = varchain_probe(params, method, args.base, rows, ev, Path(args.runs) / name, budgets, args.trained)
         tracker.log_params({"method": method, **{k: str(v) for k, v in sets.items()}})
         tracker.log_metrics({k: v for k, v in res.items() if v is not None}, 0)
         tracker.close()
-        _record(out, {"study": "varchain", "tag": args.tag, "method": method, "settings": sets, **res})
+        _record(out, {"study": "varchain", "tag": args.tag, "method": method, "settings": sets,
+                      **({"trained": args.trained} if args.trained else {}), **res})
     return 0
 
 

@@ -71,3 +71,11 @@ def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread
     assert sorted(k for k in out if k.startswith("gen/")) == (
         [] if not budgets else ["gen/64/accuracy", "gen/64/accuracy_ci_high", "gen/64/accuracy_ci_low",
                                 "gen/64/recall_accuracy"])
+    if not budgets:  # the same adapter measured as an earlier run's output (--trained): the same numbers
+        import shutil
+
+        shutil.copytree(tmp_path / "adapter", tmp_path / "models" / "pte_no_global" / "adapter")
+        again = varchain_probe(params, "pte_no_global", "random:llama-tiny-wide", rows[:4], rows[4:],
+                               tmp_path / "unused", budgets, trained=tmp_path / "models")
+        assert {k: again[k] for k in again if k.startswith("tf/")} == {k: out[k] for k in out if k.startswith("tf/")}
+        assert not (tmp_path / "unused").exists()
