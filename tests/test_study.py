@@ -41,8 +41,9 @@ def test_overrides_reach_nested_sections_and_moved_keys_name_their_place():
     from research.study import _override
 
     base = load_params("presets/cpu-demo.yaml")
-    p = _override(base, _parse_sets(["train.sft.eviction_weight=100", "train.objective=distill",
-                                     "train.distill.source=solutions"]))
+    with pytest.warns(UserWarning, match="`train.sft` is set but"):  # the preset's sft weights, unread by distill
+        p = _override(base, _parse_sets(["train.sft.eviction_weight=100", "train.objective=distill",
+                                         "train.distill.source=solutions"]))
     assert p.train.sft.eviction_weight == 100 and p.train.distill.source == "solutions"
     with pytest.raises(ValueError, match="`train.sft.eviction_weight`"):
         _override(base, _parse_sets(["train.sft_eviction_weight=33"]))
