@@ -121,7 +121,7 @@ def test_state_after_k_events_equals_direct_computation(monkeypatch, family, wri
 
 
 def test_context_mix_event_by_event_equals_one_convolution_of_the_evicted_sequence():
-    from pte.engine.state import context_carry, context_mix
+    from pte.engine.writes import context_carry, context_mix
 
     gen = torch.Generator().manual_seed(0)
     seq = torch.randn(2, 3, 11, 5, generator=gen)  # [L, B, T, d]: every evicted token, oldest first
@@ -148,7 +148,7 @@ def test_context_write_settings_are_validated():
 
 
 def test_softmax_pool_event_by_event_equals_one_softmax_over_the_kept_tokens():
-    from pte.engine.state import merge_pools, pool_event, pooled
+    from pte.engine.writes import merge_pools, pool_event, pooled
 
     gen = torch.Generator().manual_seed(0)
     qa = torch.randn(2, 3, 4, generator=gen) * 30  # [L, G, r]; large scores: the running max must keep exp finite

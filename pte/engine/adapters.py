@@ -39,6 +39,7 @@ from pte.engine.state import (
     normalize_rows,
     unrotate_keys,
 )
+from pte.engine.writes import make_write
 
 __all__ = [
     "METHODS",
@@ -156,7 +157,7 @@ class PTEAdapter(nn.Module):
     def begin(self, batch_size: int) -> ThoughtState:
         """Start a batch: the state before any event is ``Normalize(S_g)`` for every row."""
         qa, s_global = self.encoder.project_globals(self._layers())
-        self.bank.state = ThoughtState(qa, s_global, batch_size, self.pte_cfg)
+        self.bank.state = ThoughtState(qa, s_global, batch_size, self.pte_cfg, make_write(self.encoder, self.pte_cfg))
         return self.bank.state
 
     def observe_eviction(self, evicted: Evicted, active: torch.Tensor) -> None:
@@ -165,12 +166,7 @@ class PTEAdapter(nn.Module):
         assert state is not None, "begin() must be called before observe_eviction()"
         if not self.pte_cfg.event_updates:
             return
-        keys, values = self.pre_rope(evicted)
-        if self.pte_cfg.write_context > 1:  # the context write continues the evicted sequence across events
-            before, state.carry = self.encoder.carries(keys, values, state.carry)
-            keys, values = self.encoder.mix(keys, values, *before)
-        ke, ve = self.encoder.project_evicted(keys, values)
-        state.update(ke, ve, active)
+        state.update(*self.pre_rope(evicted), active)
 
     def pre_rope(self, evicted: Evicted) -> tuple[torch.Tensor, torch.Tensor]:
         """Evicted keys un-rotated to pre-RoPE and values, heads flattened, detached: ``[L, B, m, d_kv]`` each (fp32).
