@@ -313,6 +313,13 @@ def test_eviction_sensitivity_is_the_frozen_base_nll_gap_and_zero_without_evicti
     weights = mask.float()
     same, agreement = sft_token_weights(None, rows, full_plan, weights, 33.0, 2)  # None: the model is never called
     assert same is weights and agreement is None
+    # proportional (tau None): 1 + alpha * max(0, s); a selection (tau): 1 + alpha exactly where s > tau, else 1
+    prop, _ = sft_token_weights(model, rows, plan, weights, 33.0, 2)
+    torch.testing.assert_close(prop, mask + 33.0 * sens.clamp(min=0.0), atol=4e-3, rtol=0)
+    tau = float(sens[mask.bool()].quantile(0.8))
+    chosen, _ = sft_token_weights(model, rows, plan, weights, 99.0, 2, threshold=tau)
+    assert set(chosen[mask.bool()].unique().tolist()) == {1.0, 100.0}
+    assert torch.equal(chosen == 100.0, (sens > tau) & mask.bool())
 
 
 def test_label_agreement_counts_by_hand():

@@ -140,6 +140,11 @@ class SFTConfig:
     signal every task has, the task-agnostic form of ``recall_weight``; 0 = off."""
     eviction_steps: int | None = None
     """Steps, from the first, that use ``eviction_weight``; later steps are the plain NLL. None = every step."""
+    eviction_threshold: float | None = None
+    """None: the extra weight is proportional, ``alpha * max(0, d)``. A number tau (nats): a selection instead, each
+    token with ``d > tau`` weighs ``1 + alpha`` and every other token 1, so the few tokens that need an evicted
+    thought weigh alike however much the base's full cache helped them (research/log.md, "Twelfth study
+    session")."""
     recall_weight: float = 1.0
     """Weight of a recall token (a value a worked solution recalls from an early variable,
     ``pte.data.tasks.recall_spans``) in the loss, a weighted token mean; every other token weighs 1, so 1 is the plain
@@ -159,6 +164,7 @@ class SFTConfig:
     def __post_init__(self) -> None:
         check_range("train.sft.eviction_weight", self.eviction_weight, 0.0)
         check_range("train.sft.eviction_steps", self.eviction_steps, 0)
+        check_range("train.sft.eviction_threshold", self.eviction_threshold, 0.0)
         check_range("train.sft.recall_weight", self.recall_weight, 0.0)
         check_range("train.sft.recall_steps", self.recall_steps, 0)
         check_range("train.sft.recall_weight_after", self.recall_weight_after, 0.0)

@@ -225,7 +225,8 @@ class Trainer:
         w_recall = 1.0 if distill else recall_weight(cfg, self.step)
         nll_weight = cfg.distill.nll_weight if distill else 1.0
         weights, agreement = sft_token_weights(self.model, batch, plan, sft_weights(batch.mask, batch.recall, w_recall),
-                                               eviction_weight(cfg, self.step), cfg.micro_batch)
+                                               eviction_weight(cfg, self.step), cfg.micro_batch,
+                                               cfg.sft.eviction_threshold)
         num_tok, weight = all_reduce([float(batch.mask.sum()), float(weights.sum())], dev)
         sums = torch.zeros(5, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens, divergence
 
