@@ -161,3 +161,20 @@ for method in pte_no_global lora_c; do
   $V11 --tag d4-EW-a100x60-wsd3e-3-d30-90-seed0 --methods $method $SFT11 --set train.sft.eviction_weight=100 \
      --set train.sft.eviction_steps=60 --set base.seed=0
 done
+# Twelfth session (results in research/results/varchain-12.jsonl, training curves in
+# research/results/varchain-12-*-train.jsonl): EW with alpha 100 (60 steps) and with alpha 33 kept over all 90 steps,
+# seed 0; the oracle recipe M again on this machine's base and data (the control: does the base still learn the
+# recall under the label?); EW on seed 1; and eviction-selected sft (ES, train.sft.eviction_threshold): tokens whose
+# eviction sensitivity exceeds 0.5 nats weigh 100, every other 1, for 60 steps (M's weight, chosen without the label).
+V12="${V9% --out*} --out research/results/varchain-12.jsonl"
+$V12 --tag d4-EW-a100x60-wsd3e-3-d30-90-seed0 --methods pte_no_global $SFT11 --set train.sft.eviction_weight=100 \
+   --set train.sft.eviction_steps=60 --set base.seed=0
+$V12 --tag d4-EW-a33x90-wsd3e-3-d30-90-seed0 --methods pte_no_global $SFT11 --set train.sft.eviction_weight=33 \
+   --set train.sft.eviction_steps=null --set base.seed=0
+$V12 --tag d4-M-control-w100x60-wsd3e-3-d30-90-seed0 --methods pte_no_global $SFT11 --set train.sft.eviction_weight=0 \
+   --set train.sft.recall_weight=100 --set train.sft.recall_steps=60 --set base.seed=0
+$V12 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed1 --methods pte_no_global $SFT11 --set base.seed=1
+ES="--set train.sft.eviction_weight=99 --set train.sft.eviction_threshold=0.5 --set train.sft.eviction_steps=60"
+for seed in 0 1 2; do
+  $V12 --tag d4-ES-t0.5-w100x60-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT11 $ES --set base.seed=$seed
+done
