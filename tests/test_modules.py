@@ -17,7 +17,6 @@ MAX_LINES = 450
 # so the list cannot go stale.
 LONG_MODULES = {
     "evaluate.py": "one protocol (batching, pass@k, bootstrap, plots' data) whose parts share the batch plan",
-    "rewards.py": "the answer oracle: extraction and equivalence rules that are tested as one unit",
     "tracking.py": "MLflow and JSON-lines trackers plus offline sync, which replays the same record format",
 }
 

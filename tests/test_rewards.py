@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pte.data import rewards  # noqa: E402
+from pte.data import rewards, verifier  # noqa: E402
 from pte.data.rewards import extract_answer, is_equivalent, reward_fn, score  # noqa: E402
 
 TIMEOUT_S = 2.0
@@ -230,7 +230,7 @@ def test_pathological_inputs_are_bounded_and_pool_recovers(answer: str) -> None:
 
 
 def test_timeout_kills_the_worker_and_returns_within_bound() -> None:
-    pool = rewards._get_pool()
+    pool = verifier._get_pool()
     before = {id(w) for w in pool.idle}
     start = time.monotonic()
     assert is_equivalent(r"2^{2^{2^{2^{2^{2}}}}}", "5", timeout_s=1.0) is False
@@ -328,5 +328,5 @@ def test_forked_child_gets_its_own_workers() -> None:
 
 
 def test_shutdown_then_reuse() -> None:
-    rewards.shutdown()
+    verifier.shutdown()
     assert is_equivalent(r"\sqrt{8}", r"2\sqrt{2}")
