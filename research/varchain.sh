@@ -178,3 +178,27 @@ ES="--set train.sft.eviction_weight=99 --set train.sft.eviction_threshold=0.5 --
 for seed in 0 1 2; do
   $V12 --tag d4-ES-t0.5-w100x60-wsd3e-3-d30-90-seed$seed --methods pte_no_global $SFT11 $ES --set base.seed=$seed
 done
+# Thirteenth session (results in research/results/varchain-13.jsonl, training curves in
+# research/results/varchain-13-*-train.jsonl): the seed-2 LoRA_c twin of EW; EW with a longer weighted phase (EW120:
+# alpha 33 for 90 steps, then 30 plain steps with the decay, 120 in all) on seeds 0, 1 and 2; and EW on the
+# varying-target task (var_chain min_depth 3: the last line recalls c or d), its params and data under runs/study/d3.
+# Run from a worktree of the commit, so that edits to the package do not reach a running study.
+V13="${V9% --out*} --out research/results/varchain-13.jsonl"
+$V13 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed2 --methods lora_c $SFT11 --set base.seed=2
+for seed in 0 1 2; do
+  $V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed$seed --methods pte_no_global $SFT11 --set train.steps=120 \
+     --set train.sft.eviction_steps=90 --set base.seed=$seed
+done
+mkdir -p runs/study/d3
+python - <<'PY'
+import yaml
+p = yaml.safe_load(open("params.yaml"))
+for split in ("train", "eval"):
+    for s in p["data"][split]:
+        s["kwargs"] = {"min_depth": 3}
+yaml.safe_dump(p, open("runs/study/d3/params.yaml", "w"), sort_keys=False)
+PY
+pte data --params runs/study/d3/params.yaml --out runs/study/d3/data
+D3="python -m research.study varchain --params runs/study/d3/params.yaml --data runs/study/d3/data --threads 1
+    --out research/results/varchain-13.jsonl"
+$D3 --tag d3-EW-a33x60-wsd3e-3-d30-90-seed0 --methods pte_no_global $SFT11 --set base.seed=0
