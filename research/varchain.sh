@@ -189,6 +189,8 @@ for seed in 0 1 2; do
   $V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed$seed --methods pte_no_global $SFT11 --set train.steps=120 \
      --set train.sft.eviction_steps=90 --set base.seed=$seed
 done
+$V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed0 --methods lora_c $SFT11 --set train.steps=120 \
+   --set train.sft.eviction_steps=90 --set base.seed=0
 mkdir -p runs/study/d3
 python - <<'PY'
 import yaml
