@@ -16,17 +16,23 @@ $S --tag E-noglobal-gate-lr3e-3-120 --methods pte_no_global $SFT --set train.ste
    --set pte.write_gate=true
 # Third session: the recalled variable fixed (var_chain kwargs min_depth 4: always d, four statements back), so the
 # state needs one value, not a choice between c and d. Its own params and data under runs/study/d4.
-mkdir -p runs/study/d4
-python - <<'PY'
+# depth_task D: params.yaml with var_chain's min_depth D in train and eval (1024 training problems), and its data,
+# under runs/study/dD
+depth_task() {
+  mkdir -p runs/study/d$1
+  python - "$1" <<'PY'
+import sys
 import yaml
 p = yaml.safe_load(open("params.yaml"))
 for split in ("train", "eval"):
     for s in p["data"][split]:
-        s["kwargs"] = {"min_depth": 4}
+        s["kwargs"] = {"min_depth": int(sys.argv[1])}
 p["data"]["train"][0]["size"] = 1024
-yaml.safe_dump(p, open("runs/study/d4/params.yaml", "w"), sort_keys=False)
+yaml.safe_dump(p, open(f"runs/study/d{sys.argv[1]}/params.yaml", "w"), sort_keys=False)
 PY
-pte data --params runs/study/d4/params.yaml --out runs/study/d4/data
+  pte data --params runs/study/d$1/params.yaml --out runs/study/d$1/data
+}
+depth_task 4
 D4="python -m research.study varchain --params runs/study/d4/params.yaml --data runs/study/d4/data --threads 1
     --out ${OUT:-runs/study/varchain.jsonl}"
 $D4 --tag d4-base --methods base --budgets 140 null
@@ -185,22 +191,12 @@ done
 # Run from a worktree of the commit, so that edits to the package do not reach a running study.
 V13="${V9% --out*} --out research/results/varchain-13.jsonl"
 $V13 --tag d4-EW-a33x60-wsd3e-3-d30-90-seed2 --methods lora_c $SFT11 --set base.seed=2
+EW120="--set train.steps=120 --set train.sft.eviction_steps=90"
 for seed in 0 1 2; do
-  $V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed$seed --methods pte_no_global $SFT11 --set train.steps=120 \
-     --set train.sft.eviction_steps=90 --set base.seed=$seed
+  $V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed$seed --methods pte_no_global $SFT11 $EW120 --set base.seed=$seed
 done
-$V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed0 --methods lora_c $SFT11 --set train.steps=120 \
-   --set train.sft.eviction_steps=90 --set base.seed=0
-mkdir -p runs/study/d3
-python - <<'PY'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-for split in ("train", "eval"):
-    for s in p["data"][split]:
-        s["kwargs"] = {"min_depth": 3}
-yaml.safe_dump(p, open("runs/study/d3/params.yaml", "w"), sort_keys=False)
-PY
-pte data --params runs/study/d3/params.yaml --out runs/study/d3/data
+$V13 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed0 --methods lora_c $SFT11 $EW120 --set base.seed=0
+depth_task 3  # params.yaml's training split already holds 1024 problems
 D3="python -m research.study varchain --params runs/study/d3/params.yaml --data runs/study/d3/data --threads 1
     --out research/results/varchain-13.jsonl"
 $D3 --tag d3-EW-a33x60-wsd3e-3-d30-90-seed0 --methods pte_no_global $SFT11 --set base.seed=0
