@@ -7,9 +7,9 @@ A seconds-long instrument for every design question about the thought state. A f
 where ``X`` is one of ``num_symbols`` symbols drawn per row and ``f_1 .. f_n, SEP`` are fixed fillers. The thinking
 window holds ``window`` tokens and evicts ``evict`` (default one) per event, so by the time ``SEP`` is read the first
 ``X`` has left the cache: only a memory of evicted tokens can predict the final ``X``. The objective is the
-teacher-forced NLL of the final ``X`` through the training replay (:func:`pte.engine.replay.replay_logprobs`, segment-wise
-backward exactly as in training), and the metric is recall accuracy: the fraction of held-out rows whose final ``X``
-scores highest among the symbols. Chance is ``1 / num_symbols``.
+teacher-forced NLL of the final ``X`` through the training replay (:func:`pte.engine.replay.replay_logprobs`,
+segment-wise backward exactly as in training), and the metric is recall accuracy: the fraction of held-out rows
+whose final ``X`` scores highest among the symbols. Chance is ``1 / num_symbols``.
 
 Expected: a full cache (``lora``) solves it (attention reaches ``X``), ``lora_c`` cannot beat chance (nothing of ``X``
 is left in its cache, and the fillers carry no information), and PTE can only solve it through its state, so the

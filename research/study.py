@@ -159,15 +159,20 @@ def _override(params, sets: dict[str, Any]):
 
     data = params.to_dict()
     for key, value in sets.items():
-        *path, name = key.split(".")
-        if not path or path[0] not in data:
+        if "." not in key or key.split(".")[0] not in data:
             raise ValueError(f"--set {key}: expected <section>.<key> of params.yaml, e.g. train.steps or "
                              "train.sft.eviction_weight")
-        node = data
-        for part in path:  # nested sections (train.sft) may be absent from the dump: create them
-            node = node.setdefault(part, {})
-        node[name] = value
+        _put(data, key, value)
     return params_from_dict(data)
+
+
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` in the nested mapping ``data``, creating the sections on the way (nested sections such
+    as train.sft may be absent from a dump)."""
+    *path, name = key.split(".")
+    for part in path:
+        data = data.setdefault(part, {})
+    data[name] = value
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,12 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     sets = _parse_sets(args.set)
     if args.study == "mechanism":
-        from pte.config import PTEConfig
+        from pte.config import PTEConfig, section_from_dict
         from research.mechanism import MechanismConfig, run_mechanism
 
-        pte_sets = {k[4:]: v for k, v in sets.items() if k.startswith("pte.")}
+        pte_sets: dict[str, Any] = {}  # pte.<key> and pte.extensions.<key>, as the params file nests them
+        for key, value in sets.items():
+            if key.startswith("pte."):
+                _put(pte_sets, key[4:], value)
         cfg = MechanismConfig(**{k: v for k, v in sets.items() if not k.startswith("pte.")},
-                              pte=PTEConfig(**pte_sets) if pte_sets else None)
+                              pte=section_from_dict(PTEConfig, pte_sets, "pte") if pte_sets else None)
         out = Path(args.out or "runs/study/mechanism.jsonl")
         for method in args.methods:
             tracker = _tracker("pte-study", f"mechanism-{method}", {"study": "mechanism", "method": method,

@@ -94,6 +94,33 @@ def test_save_load_roundtrip_and_disable(tmp_path, method):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+def test_adapter_records_its_form_and_one_saved_with_flat_extension_keys_still_loads(tmp_path):
+    """The form is in the adapter's meta; an adapter saved before ``pte.extensions`` (its keys flat in ``pte``)
+    loads with the same settings, and one trained with a removed setting fails naming the commit that had it."""
+    import json
+
+    from pte.config import PTEExtensions
+
+    ext = PTEConfig(global_tokens=4, use_global_state=False,
+                    extensions=PTEExtensions(write="softmax", write_context=2, grad_horizon=8))
+    model, tok = tiny("llama-tiny")
+    model = attach_adapter(model, "pte", ADAPTER, ext)
+    _dummy_step(model, tok, steps=1)
+    trained = _logits(model, tok)
+    out = save_adapter(model, tmp_path / "adapter", "pte", ADAPTER, ext)
+    meta = json.loads((out / "pte_adapter.json").read_text())
+    assert meta["form"] == "paper+write=softmax,write_context=2,grad_horizon=8"
+    flat = {k: v for k, v in meta["pte"].items() if k != "extensions"}  # the layout of older adapters
+    flat.update(write="softmax", write_context=2, gate_horizon=8, write_gate=False, read="linear")
+    (out / "pte_adapter.json").write_text(json.dumps({**meta, "pte": flat}))
+    loaded, _ = load_adapter(tiny("llama-tiny")[0], out)
+    assert find_pte(loaded).pte_cfg == ext
+    torch.testing.assert_close(_logits(loaded, tok), trained, atol=1e-6, rtol=0)
+    (out / "pte_adapter.json").write_text(json.dumps({**meta, "pte": {**flat, "read": "gated"}}))
+    with pytest.raises(ValueError, match="removed pte.read.*9b921cb"):
+        load_adapter(tiny("llama-tiny")[0], out)
+
+
 def test_pte_rollout_uses_state_and_disable_restores_base():
     model, tok = tiny("llama-tiny")
     ids, am = batch(tok)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pte.config import CacheConfig, PTEConfig, load_params, params_from_dict
+from pte.config import CacheConfig, PTEConfig, PTEExtensions, load_params, params_from_dict
 
 
 def test_defaults_and_roundtrip(tmp_path):
@@ -89,16 +89,36 @@ def test_a_contradictory_ablation_fails_in_one_line():
 
 
 def test_the_paper_preset_writes_out_the_papers_form():
-    """presets/paper.yaml spells out every ``pte:`` key, and they are the paper's form (Eqs. 4-6): linear write and
-    read, accumulated normalisation, global state and event updates on, no project extension."""
+    """presets/paper.yaml spells out every ``pte:`` key, and they are the paper's form (Eqs. 4-6): accumulated
+    normalisation, global state and event updates on, and an empty ``extensions`` section, which is the paper's
+    linear write of each token alone."""
     import yaml
 
     written = yaml.safe_load(open("presets/paper.yaml"))["pte"]
-    assert set(written) == {f.name for f in dataclasses.fields(PTEConfig)}
+    assert set(written) == {f.name for f in dataclasses.fields(PTEConfig)} and written["extensions"] == {}
     pte = load_params("presets/paper.yaml").pte
-    assert (pte.write, pte.read, pte.normalize, pte.write_context, pte.write_gate) == ("linear", "linear",
-                                                                                       "accumulate", 1, False)
+    assert pte.extensions == PTEExtensions() and pte.form() == "paper"
+    assert (pte.extensions.write, pte.extensions.write_context, pte.normalize) == ("linear", 1, "accumulate")
     assert pte.event_updates and pte.use_global_state and not pte.per_layer_globals and pte.global_tokens == 32
+
+
+def test_extensions_are_apart_and_named_and_removed_settings_fail_naming_the_commit():
+    from pte.config.schema import LAST_COMMIT_WITH_REMOVED
+
+    demo = load_params("presets/cpu-demo.yaml").pte
+    assert demo.form() == "paper+write=softmax,write_context=2,grad_horizon=16"
+    assert PTEConfig(extensions=PTEExtensions(write_context=3)).form() == "paper+write_context=3,grad_horizon=16"
+    for key, value in (("write_gate", True), ("read", "gated")):
+        with pytest.raises(ValueError, match=f"`pte.{key}`.*removed.*{LAST_COMMIT_WITH_REMOVED}"):
+            params_from_dict({"pte": {key: value}})
+    for old, new in (("write", "pte.extensions.write"), ("write_context", "pte.extensions.write_context"),
+                     ("gate_horizon", "pte.extensions.grad_horizon")):
+        with pytest.raises(ValueError, match=f"`pte.{old}` moved to `{new}`"):
+            params_from_dict({"pte": {old: 1}})
+    with pytest.raises(ValueError, match=r"extensions \['write=softmax', 'grad_horizon=16'\] need pte.normalize"):
+        params_from_dict({"pte": {"normalize": "recursive", "extensions": {"write": "softmax"}}})
+    with pytest.raises(ValueError, match="unknown key `pte.extensions.gate`"):
+        params_from_dict({"pte": {"extensions": {"gate": True}}})
 
 
 @pytest.mark.parametrize("preset", ["cpu-demo", "smoke", "paper"])

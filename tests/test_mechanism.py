@@ -98,10 +98,10 @@ def test_context_write_binds_a_value_to_its_key_mid_thought(one_thread, write):
     linear write, 99.2% at 300 x 16 rows with the softmax write), while the paper's per-token write (19.5%) and the
     write gate (22.3%) stay near chance (research/log.md, fourth and fifth study sessions; at the first positions
     of the thought both recall it by position alone)."""
-    from pte.config import PTEConfig
+    from pte.config import PTEConfig, PTEExtensions
 
     cfg = dataclasses.replace(CFG, steps=300, fillers=16, distractors=True, lead=8,
-                              pte=PTEConfig(write_context=2, gate_horizon=64, write=write))
+                              pte=PTEConfig(extensions=PTEExtensions(write_context=2, grad_horizon=64, write=write)))
     prompt, tokens = recall_batch(cfg, 4, torch.Generator().manual_seed(0))
     assert tokens.shape == (4, 8 + 2 + 16 + 3) and torch.equal(tokens[:, 8], tokens[:, -2])
     r = run_mechanism(cfg, "pte_no_global")

@@ -113,6 +113,7 @@ def test_champion_challenger_and_bounded_predictor(policy, tracking, monkeypatch
         "pte-tiny", "3").tags
     assert tags["pte.metric"] == "0.6" and tags["pte.metric_name"] == "accuracy" and tags["pte.budget"] == "64"
     assert tags["pte.method"] == "pte" and tags["pte.git_sha"] and tags["pte.base_model"] == "random:llama-tiny"
+    assert tags["pte.form"] == third["form"] == "paper"  # the fixture's adapter is the paper's form
 
     # the champion loads offline from the registry and generates under the registered bounded cache
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri)

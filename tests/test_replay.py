@@ -6,15 +6,17 @@ import pytest
 import torch
 from conftest import batch, tiny
 
-from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
+from pte.config import AdapterConfig, CacheConfig, PTEConfig, PTEExtensions, SamplingConfig
 from pte.engine.adapters import attach_adapter
 from pte.engine.replay import replay_logprobs, segment_bounds
 from pte.engine.rollout import generate
 
 
-def _policy(method, family="llama-tiny", **pte_kw):
+def _policy(method, family="llama-tiny", ext=None, **pte_kw):
+    """A tiny model with ``method``'s adapter (``ext``: the ``pte.extensions`` settings)."""
     model, tok = tiny(family)
-    model = attach_adapter(model, method, AdapterConfig(rank=8), PTEConfig(global_tokens=4, **pte_kw))
+    model = attach_adapter(model, method, AdapterConfig(rank=8),
+                           PTEConfig(global_tokens=4, extensions=PTEExtensions(**(ext or {})), **pte_kw))
     with torch.no_grad():  # non-zero adapters, so the state and LoRA really act
         for n, p in model.named_parameters():
             if n.endswith("pte_up") or "lora_B" in n:
@@ -58,20 +60,6 @@ def test_replay_recursive_normalize_equals_rollout():
     torch.testing.assert_close(lp[out.mask.bool()], out.logprobs[out.mask.bool()], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("horizon", [2, 64])  # 2: older events are folded in detached; 64: all keep gradient
-def test_replay_with_write_gate_equals_rollout(horizon):
-    model, tok = _policy("pte", write_gate=True, gate_horizon=horizon)
-    with torch.no_grad():  # gates that differ per token and layer
-        enc = model.pte_adapter.encoder
-        enc.gate_w.normal_(0, 0.5)
-        enc.gate_b.normal_(0, 1.0)
-    out = _rollout(model, tok, temperature=0.9)
-    assert len(out.event_steps) > horizon or horizon == 64
-    with torch.no_grad():
-        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
-    torch.testing.assert_close(lp[out.mask.bool()], out.logprobs[out.mask.bool()], atol=1e-4, rtol=0)
-
-
 def _random_context(model):
     with torch.no_grad():  # kernels far from the identity: every token's write mixes its predecessors
         enc = model.pte_adapter.encoder
@@ -79,10 +67,9 @@ def _random_context(model):
         enc.context_v.normal_(0, 0.5)
 
 
-@pytest.mark.parametrize("horizon", [2, 64])
-@pytest.mark.parametrize("gate", [False, True])
-def test_replay_with_context_write_equals_rollout(horizon, gate):
-    model, tok = _policy("pte", write_context=3, gate_horizon=horizon, write_gate=gate)
+@pytest.mark.parametrize("horizon", [2, 64])  # 2: older events are folded in detached; 64: all keep gradient
+def test_replay_with_context_write_equals_rollout(horizon):
+    model, tok = _policy("pte", ext={"write_context": 3, "grad_horizon": horizon})
     _random_context(model)
     out = _rollout(model, tok, temperature=0.9)
     with torch.no_grad():
@@ -100,14 +87,14 @@ def test_replay_with_context_write_equals_rollout(horizon, gate):
 @pytest.mark.parametrize("horizon", [2, 64])  # 2: older events are pooled detached; 64: all keep gradient
 @pytest.mark.parametrize("context", [1, 3])
 def test_replay_with_softmax_write_equals_rollout(horizon, context):
-    model, tok = _policy("pte", write="softmax", gate_horizon=horizon, write_context=context)
+    model, tok = _policy("pte", ext={"write": "softmax", "grad_horizon": horizon, "write_context": context})
     if context > 1:
         _random_context(model)
     out = _rollout(model, tok, temperature=0.9)
     with torch.no_grad():
         lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
         model.pte_adapter.pte_cfg = model.pte_adapter.encoder.cfg = PTEConfig(  # the same weights, a linear write
-            global_tokens=4, gate_horizon=horizon, write_context=context)
+            global_tokens=4, extensions=PTEExtensions(grad_horizon=horizon, write_context=context))
         linear = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
     m = out.mask.bool()
     torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
@@ -119,56 +106,7 @@ def test_fresh_context_write_is_the_paper_form():
     lps = []
     for c in (1, 4):
         torch.manual_seed(0)
-        model, tok = _policy("pte", write_context=c)
-        out = _rollout(model, tok, temperature=0.9)
-        lps.append(out.logprobs[out.mask.bool()])
-    torch.testing.assert_close(lps[0], lps[1], atol=1e-5, rtol=0)
-
-
-def test_replay_with_softmax_read_equals_rollout():
-    model, tok = _policy("pte", read="softmax")
-    out = _rollout(model, tok, temperature=0.9)
-    with torch.no_grad():
-        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
-        model.pte_adapter.pte_cfg = PTEConfig(global_tokens=4)  # the same weights read linearly act differently
-        linear = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
-    m = out.mask.bool()
-    torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
-    assert (lp[m] - linear[m]).abs().max() > 1e-3
-
-
-def test_replay_with_gated_read_equals_rollout_and_trains_the_gate():
-    """``pte.read: gated``: replay = rollout; the gate changes the log-probs, and the sft gradient reaches it."""
-    model, tok = _policy("pte", read="gated")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".pte_gate_" in n:
-                p.normal_(0, 0.5)
-    out = _rollout(model, tok, temperature=0.9)
-    m = out.mask.bool()
-    with torch.no_grad():
-        lp = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
-    torch.testing.assert_close(lp[m], out.logprobs[m], atol=1e-4, rtol=0)
-    gates = {n: p for n, p in model.named_parameters() if ".pte_gate_" in n}
-    assert gates and all(p.requires_grad for p in gates.values())
-    with torch.no_grad():
-        for p in gates.values():
-            p.zero_()  # every token reads half the state
-        half = replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9)
-    assert (half[m] - lp[m]).abs().max() > 1e-3
-    replay_logprobs(model, out.prompt_ids, out.prompt_mask, out.tokens, out.mask, out.plan, 0.9,
-                    on_segment=lambda cols, lp: (-lp.sum()).backward())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.values())
-    with pytest.raises(ValueError, match="pte.read"):
-        PTEConfig(read="sigmoid")
-
-
-def test_fresh_write_gate_without_global_state_is_the_paper_form():
-    """Fresh gates are all 1/2, and the row normalisation removes a common scale: #Global-0 is unchanged."""
-    lps = []
-    for gate in (False, True):
-        torch.manual_seed(0)
-        model, tok = _policy("pte_no_global", write_gate=gate)
+        model, tok = _policy("pte", ext={"write_context": c})
         out = _rollout(model, tok, temperature=0.9)
         lps.append(out.logprobs[out.mask.bool()])
     torch.testing.assert_close(lps[0], lps[1], atol=1e-5, rtol=0)
@@ -178,12 +116,12 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+gate", "pte+context", "pte+softmax"])
+@pytest.mark.parametrize("method", ["pte", "lora_c", "pte+context", "pte+softmax"])
 def test_segment_wise_backward_equals_full_graph(method):
-    gate, context = method == "pte+gate", method == "pte+context"
-    model, tok = _policy("pte" if "+" in method else method, **({"write_gate": True} if gate else {}),
-                         **({"write_context": 3} if context else {}),
-                         **({"write": "softmax", "gate_horizon": 3} if method == "pte+softmax" else {}))
+    context = method == "pte+context"
+    model, tok = _policy("pte" if "+" in method else method,
+                         ext={"write_context": 3} if context else {"write": "softmax", "grad_horizon": 3}
+                         if method == "pte+softmax" else {})
     if context:
         _random_context(model)
     out = _rollout(model, tok)
@@ -201,8 +139,6 @@ def test_segment_wise_backward_equals_full_graph(method):
     assert full.keys() == seg.keys() and len(full) > 0
     if method != "lora_c":
         assert any("pte_adapter.encoder" in n and full[n].abs().sum() > 0 for n in full)  # events reach the encoder
-    if gate:
-        assert full["pte_adapter.encoder.gate_w"].abs().sum() > 0  # the gates learn from the replay
     if context:  # every tap of the kernels learns, the ones reaching into earlier tokens too
         taps = [full[f"pte_adapter.encoder.context_{x}"][:, j] for x in "kv" for j in range(3)]
         assert all(float(t.abs().sum()) > 0 for t in taps)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig, TrainConfig
+from pte.config import AdapterConfig, CacheConfig, PTEConfig, PTEExtensions, SamplingConfig, TrainConfig
 from pte.engine.adapters import attach_adapter
 from pte.engine.cache import BoundedCache, CachePlan
 from pte.engine.inference import encode_prompts, eos_ids
@@ -24,8 +24,9 @@ from pte.engine.rollout import generate
 from pte.engine.state import SegmentState
 from pte.training.objectives import replay_gap
 
-SETTINGS = [("lora_c", {}), ("pte", {}), ("pte", {"write": "softmax", "write_context": 2, "use_global_state": False}),
-            ("pte", {"write_gate": True}), ("pte", {"read": "gated"}), ("pte", {"normalize": "recursive"}),
+SETTINGS = [("lora_c", {}), ("pte", {}),
+            ("pte", {"extensions": PTEExtensions(write="softmax", write_context=2), "use_global_state": False}),
+            ("pte", {"extensions": PTEExtensions(write_context=3)}), ("pte", {"normalize": "recursive"}),
             ("pte_global_only", {}), ("pte_no_global", {})]
 FAULTS = ["evict_off_by_one", "positions_shifted", "state_skips_an_event", "state_of_another_row"]
 TOLERANCE = TrainConfig().rollout.replay_tolerance

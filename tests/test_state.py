@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import batch, tiny
 
-from pte.config import AdapterConfig, CacheConfig, PTEConfig, SamplingConfig
+from pte.config import AdapterConfig, CacheConfig, PTEConfig, PTEExtensions, SamplingConfig
 from pte.engine.adapters import PTEAdapter, attach_adapter, find_pte
 from pte.engine.rollout import generate
 from pte.engine.state import event_state, flatten_heads, global_state, normalize_rows, unrotate_keys
@@ -57,7 +57,8 @@ def test_state_formulas_by_hand():
                                           ("llama-tiny", "softmax")])
 def test_state_after_k_events_equals_direct_computation(monkeypatch, family, write):
     model, tok = tiny(family)
-    attach_adapter(model, "pte", AdapterConfig(rank=8), PTEConfig(global_tokens=4, write=write))
+    attach_adapter(model, "pte", AdapterConfig(rank=8), PTEConfig(global_tokens=4,
+                                                                  extensions=PTEExtensions(write=write)))
     pte = find_pte(model)
     layers = model.get_decoder().layers
     pre_rope_keys, values_seen = {i: [] for i in range(len(layers))}, {i: [] for i in range(len(layers))}
@@ -140,11 +141,11 @@ def test_context_mix_event_by_event_equals_one_convolution_of_the_evicted_sequen
 
 
 def test_context_write_settings_are_validated():
-    with pytest.raises(ValueError, match="pte.write_context"):
-        PTEConfig(write_context=0)
-    with pytest.raises(ValueError, match="needs pte.normalize: accumulate"):
-        PTEConfig(write_context=3, normalize="recursive")
-    assert PTEConfig(write_context=1, normalize="recursive").write_context == 1  # the paper's write fits both forms
+    with pytest.raises(ValueError, match="pte.extensions.write_context"):
+        PTEExtensions(write_context=0)
+    with pytest.raises(ValueError, match="need pte.normalize: accumulate"):
+        PTEConfig(extensions=PTEExtensions(write_context=3), normalize="recursive")
+    assert PTEConfig(normalize="recursive").form() == "paper"  # the paper's write fits both forms
 
 
 def test_softmax_pool_event_by_event_equals_one_softmax_over_the_kept_tokens():
@@ -169,8 +170,9 @@ def test_softmax_pool_event_by_event_equals_one_softmax_over_the_kept_tokens():
 
 
 def test_softmax_write_settings_are_validated():
-    with pytest.raises(ValueError, match="pte.write = 'sum' is unknown"):
-        PTEConfig(write="sum")
-    for bad in ({"write_gate": True}, {"normalize": "recursive"}):
-        with pytest.raises(ValueError, match="needs pte.write_gate: false and pte.normalize: accumulate"):
-            PTEConfig(write="softmax", **bad)
+    with pytest.raises(ValueError, match="pte.extensions.write = 'sum' is unknown"):
+        PTEExtensions(write="sum")
+    with pytest.raises(ValueError, match="need pte.normalize: accumulate"):
+        PTEConfig(extensions=PTEExtensions(write="softmax"), normalize="recursive")
+    with pytest.raises(ValueError, match="pte.extensions.grad_horizon"):
+        PTEExtensions(grad_horizon=0)

@@ -62,7 +62,7 @@ def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread
                                        for i in range(6))]
     params = params_from_dict({
         "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 16}, "adapter": {"rank": 4, "alpha": 8.0},
-        "pte": {"global_tokens": 4, "write": "softmax", "write_context": 2},
+        "pte": {"global_tokens": 4, "extensions": {"write": "softmax", "write_context": 2}},
         "evaluate": {"max_new_tokens": 24},
         "train": {"objective": "sft", "steps": 2, "prompts_per_step": 4, "micro_batch": 4, "lr": 0.01,
                   "save_every": 100, "sft": {"recall_weight": 10.0, "recall_steps": 1}}})

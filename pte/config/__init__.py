@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pte.config.engine import AdapterConfig, CacheConfig, ModelConfig, PTEConfig, SamplingConfig
+from pte.config.engine import AdapterConfig, CacheConfig, ModelConfig, PTEConfig, PTEExtensions, SamplingConfig
 from pte.config.methods import METHODS
 from pte.config.numerics import NumericsConfig
 from pte.config.pipeline import EvalConfig, RegistryConfig, TrackingConfig
@@ -54,6 +54,7 @@ __all__ = [
     "NumericsConfig",
     "Params",
     "PTEConfig",
+    "PTEExtensions",
     "RegistryConfig",
     "RolloutConfig",
     "SFTConfig",

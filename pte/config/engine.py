@@ -12,7 +12,7 @@ from typing import Literal
 
 from pte.config.schema import check_range, fail
 
-__all__ = ["AdapterConfig", "CacheConfig", "ModelConfig", "PTEConfig", "SamplingConfig"]
+__all__ = ["AdapterConfig", "CacheConfig", "ModelConfig", "PTEConfig", "PTEExtensions", "SamplingConfig"]
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,53 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class PTEExtensions:
+    """This project's settings beyond the paper (docs/method.md, "Extensions"): every field at its default is the
+    paper's form, so an empty ``pte.extensions`` section is the paper."""
+
+    write: Literal["linear", "softmax"] = "linear"
+    """``linear``: the paper's event term, a sum over evicted tokens weighted by ``(q_g Wa_Q)(k_t Wa_K)^T``.
+    ``softmax``: each global query pools the values of every token evicted so far with softmax weights over those
+    scores (kept exactly across events by a running max and sum), so a score every token shares, such as the mean
+    key, cannot swamp the token that matters (docs/method.md, "Softmax write")."""
+    write_context: int = 1
+    """The width c of a learned causal convolution over the evicted tokens' pre-RoPE keys and values before they are
+    written (per layer and channel; the last c - 1 tokens of the previous event are carried over). 1 = the paper:
+    each token is written alone, so a value can only be bound to what its own token carries; c > 1 lets a value's key
+    and value come from tokens up to c - 1 apart, as a worked solution's value is identified by its line's variable a
+    few tokens earlier (docs/method.md, "Context write"). Initialised to the identity, so a fresh adapter writes as the
+    paper's does."""
+    grad_horizon: int = 16
+    """With a write that is not linear in its parameters (``write: softmax`` or ``write_context`` > 1): the replay
+    recomputes the last ``grad_horizon`` events with gradient and folds older ones in detached (truncated
+    backpropagation: the replay keeps that many events' K/V, a bounded cost). The paper's write folds every event
+    exactly and does not read it."""
+
+    def __post_init__(self) -> None:
+        if self.write not in ("linear", "softmax"):
+            raise ValueError(f"pte.extensions.write = {self.write!r} is unknown; allowed: linear (the paper), "
+                             "softmax.")
+        check_range("pte.extensions.write_context", self.write_context, 1)
+        check_range("pte.extensions.grad_horizon", self.grad_horizon, 1)
+
+    @property
+    def exact(self) -> bool:
+        """True when the write is linear in its parameters (the paper's): the replay folds every event exactly."""
+        return self.write == "linear" and self.write_context == 1
+
+    def names(self) -> tuple[str, ...]:
+        """The extensions in use, as ``key=value`` (empty for the paper's form)."""
+        if self.exact:
+            return ()
+        out = [f"write={self.write}"] if self.write != "linear" else []
+        out += [f"write_context={self.write_context}"] if self.write_context > 1 else []
+        return (*out, f"grad_horizon={self.grad_horizon}")
+
+
+@dataclass(frozen=True)
 class PTEConfig:
-    """Thought-state encoder settings (docs/method.md, "Thought state and adapter")."""
+    """Thought-state encoder settings: the paper's keys, and this project's ``extensions`` apart (docs/method.md,
+    "Thought state and adapter")."""
 
     global_tokens: int = 32
     """G: number of learnable global tokens (rows of the state S)."""
@@ -150,54 +195,25 @@ class PTEConfig:
     """False = the #Global-0 ablation: the S_g term is dropped (S starts at 0)."""
     eps: float = 1e-6
     """Epsilon of the row-wise L2 normalisation."""
-    write_gate: bool = False
-    """Not the paper: a learned per-token write gate ``beta_t = sigmoid(w_l . [k_t; v_t] + b_l)`` scales each evicted
-    token's term in the event state, so the state can store the few tokens that matter instead of every token equally
-    (docs/method.md, "Write gate")."""
-    gate_horizon: int = 16
-    """With ``write_gate``: the replay recomputes the gates of the last ``gate_horizon`` events with gradient and folds
-    older events in detached (truncated backpropagation; the replay keeps that many events' K/V, a bounded cost)."""
-    write_context: int = 1
-    """Not the paper: the width c of a learned causal convolution over the evicted tokens' pre-RoPE keys and values
-    before they are written (per layer and channel; the last c - 1 tokens of the previous event are carried over).
-    1 = the paper: each token is written alone, so a value can only be bound to what its own token carries; c > 1
-    lets a value's key and value come from tokens up to c - 1 apart, as a worked solution's value is identified by
-    its line's variable a few tokens earlier (docs/method.md, "Context write"). Initialised to the identity, so a
-    fresh adapter is the paper's form. Its parameters learn in the replay like the gate's (``gate_horizon``)."""
-
-    write: Literal["linear", "softmax"] = "linear"
-    """``linear``: the paper's event term, a sum over evicted tokens weighted by ``(q_g Wa_Q)(k_t Wa_K)^T``.
-    ``softmax`` (not the paper): each global query pools the values of every token evicted so far with softmax
-    weights over those scores (kept exactly across events by a running max and sum), so a score every token shares,
-    such as the mean key, cannot swamp the token that matters (docs/method.md, "Softmax write"). The replay
-    recomputes the last ``gate_horizon`` events with gradient and folds older ones in detached."""
-    read: Literal["linear", "softmax", "gated"] = "linear"
-    """``linear``: the paper's adapter ``A (S (B x))``. ``softmax`` (not the paper): ``A softmax(S (B x))`` over the G
-    rows of S, a selective read in which the best-matching row answers instead of a linear mix of all
-    (docs/method.md, "Selective read"). ``gated`` (not the paper): ``sigmoid(u . x + b) A (S (B x))``, a learned
-    per-token gate per adapted linear, so the tokens that do not need the memory can stop reading it (docs/method.md,
-    "Read gate")."""
+    extensions: PTEExtensions = dataclasses.field(default_factory=PTEExtensions)
+    """Not the paper: the project's write forms (empty = the paper's form)."""
 
     def __post_init__(self) -> None:
         check_range("pte.global_tokens", self.global_tokens, 1)
-        check_range("pte.gate_horizon", self.gate_horizon, 1)
-        check_range("pte.write_context", self.write_context, 1)
-        if self.write_context > 1 and self.normalize == "recursive":
-            raise ValueError(f"pte.write_context = {self.write_context} needs pte.normalize: accumulate (the replay "
-                             "recomputes recent events with gradient only in that form); set write_context: 1 or "
-                             "normalize: accumulate.")
-        if self.write not in ("linear", "softmax"):
-            raise ValueError(f"pte.write = {self.write!r} is unknown; allowed: linear (the paper), softmax.")
-        if self.write == "softmax" and (self.write_gate or self.normalize == "recursive"):
-            raise ValueError("pte.write = 'softmax' selects the tokens it keeps itself and pools every event exactly: "
-                             "it needs pte.write_gate: false and pte.normalize: accumulate (got write_gate = "
-                             f"{self.write_gate}, normalize = {self.normalize!r}).")
-        if self.read not in ("linear", "softmax", "gated"):
-            raise ValueError(f"pte.read = {self.read!r} is unknown; allowed: linear (the paper), softmax, gated.")
         check_range("pte.eps", self.eps, 0.0, lo_open=True)
+        if not self.extensions.exact and self.normalize == "recursive":
+            raise ValueError(f"pte.extensions {list(self.extensions.names())} need pte.normalize: accumulate (the "
+                             "replay recomputes recent events with gradient only in that form); set normalize: "
+                             "accumulate or leave pte.extensions empty.")
         if not (self.event_updates or self.use_global_state):
             raise ValueError("pte.event_updates: false with pte.use_global_state: false leaves S = Normalize(0) = 0, "
                              "an adapter that adds nothing; keep one of them true.")
+
+    def form(self) -> str:
+        """Which PTE this is, as recorded in the adapter, the training metrics and the registry: ``paper``, or
+        ``paper+`` the extensions in use (``paper+write=softmax,write_context=2,grad_horizon=16``)."""
+        names = self.extensions.names()
+        return "paper+" + ",".join(names) if names else "paper"
 
     def for_method(self, method: str) -> PTEConfig:
         """The settings a PTE ``method`` runs with: the ablations switch off event updates (``pte_global_only``) or

@@ -8,7 +8,10 @@ bounded cache; ``pte`` the thought encoder, with its ablations ``pte_global_only
 
 from __future__ import annotations
 
-__all__ = ["METHODS"]
+__all__ = ["METHODS", "PTE_METHODS"]
 
 METHODS: tuple[str, ...] = ("base", "lora", "lora_c", "pte", "pte_global_only", "pte_no_global")
 """Every method the package can attach, train (all but ``base``) and evaluate."""
+
+PTE_METHODS: tuple[str, ...] = ("pte", "pte_global_only", "pte_no_global")
+"""The methods that attach the thought encoder (their adapters record the PTE form)."""

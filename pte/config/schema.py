@@ -109,15 +109,30 @@ MOVED_KEYS = {
                                                  "kl_estimator", "scale_rewards", "use_bias_correction_kl", "reward")},
     "grpo.allow_last_number": "data.allow_last_number", "evaluate.allow_last_number": "data.allow_last_number",
     "evaluate.evict_ratio": "cache.evict_ratio", "evaluate.compile_decode": "cache.compile_decode",
+    "pte.write": "pte.extensions.write", "pte.write_context": "pte.extensions.write_context",
+    "pte.gate_horizon": "pte.extensions.grad_horizon",
 }
 """Keys that moved: ``old -> new``, named in the error a file with the old key gets (one key per setting, each in
 the section of the concern that reads it: docs/pipeline.md, "Configuration")."""
+
+
+REMOVED_KEYS = {"pte.write_gate": "the learned write gate", "pte.read": "the selective and gated reads"}
+"""Settings that were removed, with what they switched on: refuted extensions (research/log.md) that last ran at
+commit :data:`LAST_COMMIT_WITH_REMOVED`, named in the error a file that sets them gets."""
+
+LAST_COMMIT_WITH_REMOVED = "9b921cb"
 
 
 def moved(key: str) -> typing.NoReturn:
     """Raise the error of a key that moved (:data:`MOVED_KEYS`)."""
     raise ValueError(f"params: `{key}` moved to `{MOVED_KEYS[key]}`; write it there (docs/pipeline.md, "
                      "\"Configuration\").")
+
+
+def removed(key: str) -> typing.NoReturn:
+    """Raise the error of a removed setting (:data:`REMOVED_KEYS`)."""
+    raise ValueError(f"params: `{key}` ({REMOVED_KEYS[key]}, refuted: research/log.md) was removed; delete the key, "
+                     f"or check out commit {LAST_COMMIT_WITH_REMOVED} to reproduce its results.")
 
 
 def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
@@ -131,6 +146,8 @@ def section_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> A
     for key in data:
         if f"{section}.{key}" in MOVED_KEYS:
             moved(f"{section}.{key}")
+        if f"{section}.{key}" in REMOVED_KEYS:
+            removed(f"{section}.{key}")
         if key not in names:
             raise ValueError(f"params: unknown key `{section}.{key}`; known keys of `{section}`: {sorted(names)}.")
     kwargs = {}

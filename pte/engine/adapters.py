@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pte.config import AdapterConfig, PTEConfig, section_from_dict
-from pte.config.methods import METHODS
+from pte.config.methods import METHODS, PTE_METHODS
 from pte.engine.cache import Evicted
 from pte.engine.state import (
     SegmentState,
@@ -88,8 +88,7 @@ class StateBank:
 
 
 class StateLoRALinear(nn.Module):
-    """A frozen linear plus the PTE update ``(alpha/r) * A (S (B x))`` for its layer's state S (``pte.read``: linear;
-    ``softmax`` reads ``A softmax(S (B x))``, ``gated`` reads ``sigmoid(u . x + b) * A (S (B x))``).
+    """A frozen linear plus the PTE update ``(alpha/r) * A (S (B x))`` for its layer's state S (paper Eq. 2-3).
 
     Args:
         base_layer: the frozen ``nn.Linear``.
@@ -107,9 +106,6 @@ class StateLoRALinear(nn.Module):
         self.pte_down = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.pte_down, a=math.sqrt(5))
         self.pte_up = nn.Parameter(torch.zeros(self.out_features, global_tokens, dtype=w.dtype, device=w.device))
-        if adapter.pte_cfg.read == "gated":  # g(x) = sigmoid(u . x + b), u = b = 0: every token reads half at first
-            self.pte_gate_w = nn.Parameter(torch.zeros(1, self.in_features, dtype=w.dtype, device=w.device))
-            self.pte_gate_b = nn.Parameter(torch.zeros(1, dtype=w.dtype, device=w.device))
         self.scaling, self.layer_idx = scaling, layer_idx
         object.__setattr__(self, "_adapter", adapter)  # a plain reference: not a submodule
 
@@ -124,13 +120,7 @@ class StateLoRALinear(nn.Module):
             return y
         h = F.linear(x, self.pte_down)  # [B, T, r]
         h = h @ s.transpose(-1, -2).to(h.dtype)  # [B, T, G]
-        read = self._adapter.pte_cfg.read
-        if read == "softmax":  # selective read: the best-matching rows of S answer
-            h = torch.softmax(h.float(), dim=-1).to(x.dtype)
-        delta = F.linear(h, self.pte_up)  # [B, T, out]
-        if read == "gated":  # each token decides how much of the state it reads: [B, T, 1]
-            delta = delta * torch.sigmoid(F.linear(x, self.pte_gate_w, self.pte_gate_b))
-        return y + self.scaling * delta
+        return y + self.scaling * F.linear(h, self.pte_up)  # [B, T, out]
 
 
 class PTEAdapter(nn.Module):
@@ -282,6 +272,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, method: str, adapter_cfg
     out.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "base_model": base_model, "adapter": dataclasses.asdict(adapter_cfg),
             "pte": dataclasses.asdict(pte_cfg)}
+    if method in PTE_METHODS:  # the paper's form or which extensions: readable without parsing the settings
+        meta["form"] = pte_cfg.form()
     meta["adapter"]["target_modules"] = list(adapter_cfg.target_modules)
     if method in ("lora", "lora_c"):
         model.save_pretrained(out)  # peft: adapter_config.json + adapter_model.safetensors
@@ -343,12 +335,37 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+_FLAT_EXTENSIONS = {"write": "write", "write_context": "write_context", "gate_horizon": "grad_horizon"}
+"""Keys an adapter saved before ``pte.extensions`` existed wrote flat in its ``pte`` settings -> their new names."""
+
+
+def upgrade_pte_meta(pte: dict, adapter_dir: str | Path) -> dict:
+    """The ``pte`` settings of an adapter's meta in today's layout: an adapter saved with the flat extension keys
+    (before ``pte.extensions``) loads as it was trained.
+
+    Raises:
+        ValueError: it was trained with a removed setting (the write gate or a selective read): its weights need the
+            code of that time (the commit is named).
+    """
+    from pte.config.schema import LAST_COMMIT_WITH_REMOVED
+
+    pte = dict(pte)
+    used = [k for k, off in (("write_gate", False), ("read", "linear")) if pte.pop(k, off) != off]
+    if used:
+        raise ValueError(f"the adapter in {adapter_dir!s} was trained with the removed pte.{used[0]} (refuted: "
+                         f"research/log.md); load it with the code of commit {LAST_COMMIT_WITH_REMOVED}.")
+    flat = {new: pte.pop(old) for old, new in _FLAT_EXTENSIONS.items() if old in pte}
+    if flat:
+        pte["extensions"] = {**flat, **pte.get("extensions", {})}
+    return pte
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[nn.Module, str]:
     """Attach the adapter saved in ``adapter_dir`` to the base ``model``; returns ``(model, method)``."""
     meta = read_adapter_meta(adapter_dir)
     method = meta["method"]
     adapter_cfg = section_from_dict(AdapterConfig, meta["adapter"], "adapter")
-    pte_cfg = section_from_dict(PTEConfig, meta["pte"], "pte")
+    pte_cfg = section_from_dict(PTEConfig, upgrade_pte_meta(meta["pte"], adapter_dir), "pte")
     if method in ("lora", "lora_c"):
         from peft import PeftModel
 

@@ -10,7 +10,7 @@ Per decoder layer l and sequence b the state is ``S[l, b] in R^{G x r}``:
 * ``S = Normalize(S_g + sum_e S'_e)`` (row-wise L2 over r); ``recursive`` uses ``S <- Normalize(S + S'_e)``.
 
 How events enter the state is the write form (:mod:`pte.engine.writes`): the paper's linear sum of event terms, or
-one of the project's extensions (``pte.write_gate``, ``pte.write_context``, ``pte.write = softmax``; docs/method.md).
+one of the project's extensions (``pte.extensions``: the softmax write, the context write; docs/method.md).
 
 Evicted K/V enter detached. The state math runs in fp32 whatever the
 model's dtype: the encoder's parameters are cast at use, because DeepSpeed's bf16 mode casts the whole module,
@@ -197,7 +197,7 @@ class SegmentState:
     segment build ``S^(k)`` in a fresh, tiny autograd graph, so segment-wise backward never has to retain an earlier
     graph and gradients still reach ``h_g`` and ``Wa_*`` through every event. The ``recursive`` form is not linear;
     there ``S^(k-1)`` enters detached (truncated backpropagation through the state chain). The extensions' write
-    forms that are not linear in the parameters keep the last ``gate_horizon`` events with gradient
+    forms that are not linear in the parameters keep the last ``grad_horizon`` events with gradient
     (:mod:`pte.engine.writes`).
 
     Args:

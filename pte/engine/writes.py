@@ -12,10 +12,9 @@ The forms (docs/method.md):
 
 * :class:`LinearWrite`: the paper's event term ``S'_e = (q_g Wa_Q)(K_e Wa_K)^T (V_e Wa_V) / (sqrt(r) m)``, summed over
   events. It is linear in the evicted K/V, so the replay keeps only the detached ``sum_e K_e^T V_e / m``.
-  Two extensions (not the paper) transform the evicted keys and values first and make the sum non-linear in the
-  parameters: ``pte.write_gate`` (each token's key scaled by a learned gate, :meth:`Write.gates`) and
-  ``pte.write_context`` (a learned causal convolution over the evicted sequence, :func:`context_mix`). The replay
-  then keeps the last ``gate_horizon`` events' raw K/V with gradient and folds older ones in detached.
+  The extension ``pte.extensions.write_context`` (not the paper: a learned causal convolution over the evicted
+  sequence, :func:`context_mix`) makes the sum non-linear in the parameters: the replay then keeps the last
+  ``grad_horizon`` events' raw K/V with gradient and folds older ones in detached.
 * :class:`SoftmaxWrite` (not the paper): softmax attention pooling of the global queries over every token evicted so
   far, ``P = softmax_t((q_g Wa_Q)(k_t Wa_K)^T / sqrt(r)) (V Wa_V)``, kept exactly across events as a running
   (max, sum, weighted sum) (:func:`pool_event`, :func:`merge_pools`); ``write_context`` applies to it too.
@@ -120,14 +119,12 @@ def pooled(pool: Pool) -> torch.Tensor:
 
 def write_parameters(cfg: PTEConfig, num_layers: int, d_kv: int) -> dict[str, torch.Tensor]:
     """The extensions' parameters at their initial values (registered on the encoder under these names):
-    ``gate_w`` ``[L, 2 d_kv]`` and ``gate_b`` ``[L]`` with ``write_gate`` (zeros: every gate starts at 1/2, the
-    paper's form up to the scale of the event terms); ``context_k`` and ``context_v`` ``[L, c, d_kv]`` with
-    ``write_context`` c > 1 (the identity, tap 0 = 1: a fresh adapter writes each token alone, the paper's form)."""
+    ``context_k`` and ``context_v`` ``[L, c, d_kv]`` with ``write_context`` c > 1 (the identity, tap 0 = 1: a fresh
+    adapter writes each token alone, the paper's form)."""
     params = {}
-    if cfg.write_gate:
-        params.update(gate_w=torch.zeros(num_layers, 2 * d_kv), gate_b=torch.zeros(num_layers))
-    if cfg.write_context > 1:
-        ident = torch.zeros(num_layers, cfg.write_context, d_kv)
+    c = cfg.extensions.write_context
+    if c > 1:
+        ident = torch.zeros(num_layers, c, d_kv)
         ident[:, 0] = 1.0
         params.update(context_k=ident.clone(), context_v=ident)
     return params
@@ -141,7 +138,7 @@ class Write(abc.ABC):
     """The events' part of the state for one batch (a base class: :func:`make_write` picks the form).
 
     Args:
-        encoder: the thought encoder (its projections, and the gate and context parameters of the extensions).
+        encoder: the thought encoder (its projections, and the context parameters of the extension).
         cfg: the PTE settings.
 
     Tensors: ``keys``/``values`` are one event's raw pre-RoPE evicted keys and values ``[L, B, m, d_kv]`` (fp32,
@@ -150,7 +147,7 @@ class Write(abc.ABC):
     """
 
     def __init__(self, encoder: ThoughtEncoder, cfg: PTEConfig):
-        self.encoder, self.cfg = encoder, cfg
+        self.encoder, self.cfg, self.ext = encoder, cfg, cfg.extensions
         self.carry: tuple[torch.Tensor, torch.Tensor] | None = None  # write_context: last c - 1 raw evicted K, V
         self.recent: list[Event] = []  # the replay's events with gradient (the extensions)
         self.qa: torch.Tensor | None = None
@@ -158,36 +155,25 @@ class Write(abc.ABC):
     def project(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling: the context write (``write_context``: continues the evicted sequence across events, advancing
         the carry), then the projections to rank r (:meth:`project_evicted`): ``[L, B, m, r]`` each."""
-        if self.cfg.write_context > 1:
+        if self.ext.write_context > 1:
             before = self._advance(keys, values)
             keys, values = self.mix(keys, values, *before)
         return self.project_evicted(keys, values)
 
     def project_evicted(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``K_e Wa_K`` and ``V_e Wa_V``: ``[L, B, m, d_kv]`` -> ``[L, B, m, r]`` each (fp32); with ``write_gate`` the
-        keys carry the gates."""
-        ke = keys.float() @ self.encoder.wa_k.float().unsqueeze(1)
-        if self.cfg.write_gate:
-            ke = ke * self.gates(keys, values).unsqueeze(-1)
-        return ke, values.float() @ self.encoder.wa_v.float().unsqueeze(1)
+        """``K_e Wa_K`` and ``V_e Wa_V``: ``[L, B, m, d_kv]`` -> ``[L, B, m, r]`` each (fp32)."""
+        return (keys.float() @ self.encoder.wa_k.float().unsqueeze(1),
+                values.float() @ self.encoder.wa_v.float().unsqueeze(1))
 
     def event_term(self, qa: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One event's linear term ``S'_e`` ``[L, B, G, r]`` (gates included), with gradient: the recursive form's."""
+        """One event's linear term ``S'_e`` ``[L, B, G, r]``, with gradient: the recursive form's."""
         return event_state(qa, *self.project_evicted(keys, values))
-
-    def gates(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``write_gate``: ``beta = sigmoid(w_l . [k; v] + b_l)`` per evicted token,
-        ``[L, B, m, d_kv]`` -> ``[L, B, m]`` (fp32)."""
-        d = keys.shape[-1]
-        w, b = self.encoder.gate_w.float(), self.encoder.gate_b.float()
-        logits = keys.float() @ w[:, None, :d, None] + values.float() @ w[:, None, d:, None]  # [L, B, m, 1]
-        return torch.sigmoid(logits[..., 0] + b[:, None, None])
 
     def mix(self, keys: torch.Tensor, values: torch.Tensor, carry_k: torch.Tensor,
             carry_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The context write: ``[L, B, m, d_kv]`` keys and values mixed with their ``c - 1`` predecessors
         (:func:`context_mix`; fp32); the identity when ``write_context`` is 1."""
-        if self.cfg.write_context == 1:
+        if self.ext.write_context == 1:
             return keys, values
         return (context_mix(keys.float(), carry_k, self.encoder.context_k.float()),
                 context_mix(values.float(), carry_v, self.encoder.context_v.float()))
@@ -196,7 +182,7 @@ class Write(abc.ABC):
         """The carry (last ``c - 1`` raw evicted keys and values, ``[L, B, c - 1, d_kv]`` each, zeros before the first
         event) before the event ``keys``/``values``; the stored carry moves past it."""
         if self.carry is None:
-            shape = (*keys.shape[:2], self.cfg.write_context - 1, keys.shape[-1])
+            shape = (*keys.shape[:2], self.ext.write_context - 1, keys.shape[-1])
             self.carry = (keys.new_zeros(shape, dtype=torch.float32), keys.new_zeros(shape, dtype=torch.float32))
         before = self.carry
         self.carry = (context_carry(keys, before[0]), context_carry(values, before[1]))
@@ -229,13 +215,13 @@ class Write(abc.ABC):
 
 
 class LinearWrite(Write):
-    """The paper's sum of event terms (with the gate and context extensions when they are set)."""
+    """The paper's sum of event terms (with the context extension when it is set)."""
 
     def __init__(self, encoder: ThoughtEncoder, cfg: PTEConfig):
         super().__init__(encoder, cfg)
         self.acc: torch.Tensor | None = None  # sampling: S_g + the events so far
         self.kv_sum: torch.Tensor | None = None  # replay: [L, B, d_kv, d_kv], detached
-        self.exact = not (cfg.write_gate or cfg.write_context > 1)  # linear in the parameters: fold every event
+        self.exact = cfg.extensions.write_context == 1  # linear in the parameters: fold every event
 
     def start(self, qa: torch.Tensor, base: torch.Tensor) -> None:
         self.qa, self.acc = qa, base
@@ -249,7 +235,7 @@ class LinearWrite(Write):
             self._fold(self._kv(keys, values, keep))
             return
         self.remember(keys, values, keep)
-        if len(self.recent) > self.cfg.gate_horizon:  # older events: detached, with the gates and mixing they had
+        if len(self.recent) > self.ext.grad_horizon:  # older events: detached, with the mixing they had
             with torch.no_grad():
                 self._fold(self._kv(*self.mixed(self.recent.pop(0))))
 
@@ -259,9 +245,7 @@ class LinearWrite(Write):
         return base + sum(terms) if terms else base
 
     def _kv(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``keep * (diag(beta) K)^T V / m`` of one event: ``[L, B, d_kv, d_kv]`` (beta = 1 without a write gate)."""
-        if self.cfg.write_gate:
-            keys = keys * self.gates(keys, values).unsqueeze(-1)
+        """``keep * K^T V / m`` of one event: ``[L, B, d_kv, d_kv]``."""
         return keep * (keys.transpose(-1, -2) @ values) / keys.shape[-2]
 
     def _fold(self, kv: torch.Tensor) -> None:
@@ -274,7 +258,7 @@ class LinearWrite(Write):
 
     def _event_term(self, qa: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     keep: torch.Tensor) -> torch.Tensor:
-        """One event's term from its K/V, projected to rank r first (gates included): ``[L, B, G, r]``."""
+        """One event's term from its K/V, projected to rank r first: ``[L, B, G, r]``."""
         return keep * self.event_term(qa, keys, values)
 
 
@@ -299,7 +283,7 @@ class SoftmaxWrite(Write):
     def rebuild(self, qa: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Fold events beyond the horizon into the detached pool, pool the recent ones on top (exact values: the
         parameters do not change within a replay)."""
-        while len(self.recent) > self.cfg.gate_horizon:
+        while len(self.recent) > self.ext.grad_horizon:
             with torch.no_grad():
                 self.pool = self._pool(qa.detach(), self.pool, self.recent.pop(0))
         pool = self.pool
@@ -313,5 +297,5 @@ class SoftmaxWrite(Write):
 
 
 def make_write(encoder: ThoughtEncoder, cfg: PTEConfig) -> Write:
-    """The write form of ``cfg.write``: ``linear`` (the paper's) or ``softmax``."""
-    return SoftmaxWrite(encoder, cfg) if cfg.write == "softmax" else LinearWrite(encoder, cfg)
+    """The write form of ``cfg.extensions.write``: ``linear`` (the paper's) or ``softmax``."""
+    return SoftmaxWrite(encoder, cfg) if cfg.extensions.write == "softmax" else LinearWrite(encoder, cfg)

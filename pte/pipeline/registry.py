@@ -356,13 +356,15 @@ def _log_policy(client: MlflowClient, tracking: TrackingConfig, uri: str, run_id
 
 
 def _version_tags(value: float, label: str, cfg: RegistryConfig, method: str, source: str,
-                  eval_metrics: dict[str, Any]) -> dict[str, str]:
+                  eval_metrics: dict[str, Any], form: str | None) -> dict[str, str]:
     ctx = run_context()
     evals = json.dumps(eval_metrics, default=str, sort_keys=True)
     tags = {"pte.metric": repr(value), "pte.metric_name": cfg.metric, "pte.budget": label, "pte.method": method,
             "pte.base_model": source, "pte.git_sha": ctx["git_sha"] or "unknown",
             "pte.greater_is_better": str(cfg.greater_is_better).lower(),
             "pte.eval_metrics": evals if len(evals) <= _MAX_VERSION_TAG else "{}"}  # lets a later version compare
+    if form:  # a PTE adapter: the paper's form, or which extensions (docs/method.md, "Extensions")
+        tags["pte.form"] = form
     if ctx["dvc_lock_sha256"]:
         tags["pte.dvc_lock_sha256"] = ctx["dvc_lock_sha256"]
     return tags
@@ -387,8 +389,8 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
         data: the ``data`` section of training; the model phrases bare problems with its template and system prompt.
 
     Returns:
-        ``{name, version, alias, metric, budget, previous_champion, run_id, model_uri}``; ``previous_champion`` is
-        ``{version, metric}`` or None.
+        ``{name, version, alias, metric, budget, form, previous_champion, run_id, model_uri}``; ``form`` is the PTE
+        form (None for other methods), ``previous_champion`` ``{version, metric}`` or None.
 
     Raises:
         ConnectionError: the tracking server is unreachable (nothing was written; retry later).
@@ -409,7 +411,7 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
     uri = tracking.resolved_uri()
     require_reachable(uri, "nothing was registered; the trained adapter and evaluation reports on disk are intact",
                       _RETRY_REGISTER)
-    tags = _version_tags(value, label, cfg, method, source, eval_metrics)
+    tags = _version_tags(value, label, cfg, method, source, eval_metrics, meta.get("form"))
     with _scoped_uri(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         run_tags = {"git_sha": tags["pte.git_sha"], "mlflow.source.git.commit": tags["pte.git_sha"],
@@ -419,7 +421,7 @@ def register(adapter_dir: str | Path, base_model: str | Path, eval_metrics: dict
         ver = str(mlflow.register_model(model_uri, name, tags=tags).version)
         alias, previous = _promote(client, name, ver, value, cfg, label)
     log.info("registered %s v%s (%s = %s at budget %s) as %s", name, ver, cfg.metric, value, label, alias)
-    return {"name": name, "version": ver, "alias": alias, "metric": value, "budget": label,
+    return {"name": name, "version": ver, "alias": alias, "metric": value, "budget": label, "form": meta.get("form"),
             "previous_champion": previous, "run_id": run_id, "model_uri": f"models:/{name}/{ver}"}
 
 

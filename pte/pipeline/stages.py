@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pte.config import Params, load_params
+from pte.config.methods import PTE_METHODS
 from pte.data.rows import write_json
 from pte.pipeline.numerics import environment, pin
 from pte.training.warmstart import resolve_base
@@ -106,6 +107,8 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
         tracker.close()
     history = read_metrics(out / "metrics.jsonl")
     summary: dict[str, Any] = {"method": method, "steps": len(history)}
+    if method in PTE_METHODS:  # which PTE this is: the paper's form or named extensions
+        summary["form"] = params.pte.form()
     if history:
         k = max(1, len(history) // 4)
         # deterministic numbers only (DVC compares this file across runs); memory and timing stay in metrics.jsonl
