@@ -231,8 +231,8 @@ def publish_registration(root: Path) -> dict[str, Any] | None:
 @flow(name="pte-pipeline")
 def pipeline(preset: str | None = "cpu-demo", stages: list[str] | None = None, force: bool = False,
              repo: str = ".") -> dict[str, Any]:
-    """Reproduce the PTE pipeline with DVC (base_model → data → warmstart → train@{lora,lora_c,pte} → evaluate →
-    register).
+    """Reproduce the PTE pipeline with DVC (base_model → data → warmstart → sensitivity → train@{lora,lora_c,pte} →
+    evaluate → register).
 
     Args:
         preset: copy ``presets/<preset>.yaml`` to ``params.yaml`` first (cpu-demo, smoke, paper); empty = keep

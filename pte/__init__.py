@@ -17,7 +17,7 @@ method decisions: docs/method.md; the pipeline seams: docs/pipeline.md):
 * ``pte.config``: ``Params`` and ``load_params`` with the sections ``engine``, ``training``, ``pipeline``,
   ``numerics``, the method names (``methods``) and the parsing helpers (``schema``);
 * ``pte.engine``: ``models``, ``cache``, ``state``, ``writes``, ``adapters``, ``rollout``, ``replay``, ``inference``;
-* ``pte.training``: ``grpo``, ``objectives``, ``train``, ``runtime``, ``checkpoint``, ``warmstart``;
+* ``pte.training``: ``grpo``, ``objectives``, ``train``, ``sensitivity``, ``runtime``, ``checkpoint``, ``warmstart``;
 * ``pte.data``: ``sources``, ``tasks``, ``rows``, ``rewards``, ``verifier``;
 * ``pte.pipeline``: ``stages``, ``cli``, ``numerics``, ``verdict``, ``evaluate``, ``plots``, ``tracking``, ``registry``,
   ``registry_model``.

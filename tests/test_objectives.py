@@ -346,3 +346,38 @@ def test_eviction_weighted_sft_logs_its_agreement_and_stops_after_its_steps(tmp_
     assert "eviction/recall_is_top" in hist[0] and "eviction/weight_mean" not in hist[2]
     with pytest.raises(ValueError, match="train.sft.eviction_weight"):
         params("sft", sft={"eviction_weight": -1.0})
+
+
+@pytest.mark.parametrize("method", ["lora_c", "pte"])
+def test_precomputed_sensitivity_is_the_loops_bits(tmp_path, one_thread, monkeypatch, method):
+    """The sensitivity stage's tensors (computed once, on the plain base) are the bits each trainer computes in its
+    loop with its adapter off, so training with the file gives the same weights, with no sensitivity computed in the
+    loop; rows other than the file's are computed as before."""
+    from safetensors.torch import load_file
+
+    from pte.training import objectives
+    from pte.training.sensitivity import compute_sensitivities, load_sensitivities, weighted_steps
+
+    p = params("sft", steps=3, sft={"eviction_weight": 30.0, "eviction_steps": 2})
+    assert weighted_steps(p) == 2 and weighted_steps(params("sft")) == 0
+    path = tmp_path / "sensitivity.safetensors"
+    assert compute_sensitivities(p, PROBLEMS, PROBLEMS, SOLUTIONS, path, progress=False) == {"steps": 2, "rows": 8}
+    pre = load_sensitivities(path)
+    assert sorted(pre) == [0, 1] and all(s.abs().max() > 1e-3 for _, s in pre.values())
+
+    calls = []
+    compute = objectives.eviction_sensitivity
+    monkeypatch.setattr(objectives, "eviction_sensitivity", lambda *a: calls.append(1) or compute(*a))
+    train(p, method, PROBLEMS, ANSWERS, tmp_path / "loop", progress=False, problems=PROBLEMS, solutions=SOLUTIONS)
+    in_loop = len(calls)
+    train(p, method, PROBLEMS, ANSWERS, tmp_path / "read", progress=False, problems=PROBLEMS, solutions=SOLUTIONS,
+          sensitivity=path)
+    assert in_loop == 2 and len(calls) == in_loop  # one micro-batch per weighted step, none when read
+    weights = [load_file(str(next((tmp_path / run / "adapter").glob("*.safetensors")))) for run in ("loop", "read")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [r["loss"] for r in read_metrics(tmp_path / "loop" / "metrics.jsonl")] == [
+        r["loss"] for r in read_metrics(tmp_path / "read" / "metrics.jsonl")]
+    other = dataclasses.replace(p, base=dataclasses.replace(p.base, seed=1))  # other rows: computed in the loop
+    train(other, method, PROBLEMS, ANSWERS, tmp_path / "seed1", progress=False, problems=PROBLEMS,
+          solutions=SOLUTIONS, sensitivity=path)
+    assert len(calls) == 2 * in_loop

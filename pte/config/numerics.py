@@ -10,12 +10,21 @@ before torch loads. Nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
 from pte.config.schema import check_range
 
-__all__ = ["ISA_ENVIRONMENT", "PINNED_VARIABLES", "NumericsConfig", "pinned_environment"]
+__all__ = ["ISA_ENVIRONMENT", "PINNED_VARIABLES", "NumericsConfig", "derive_seed", "pinned_environment"]
+
+
+def derive_seed(seed: int, purpose: str, *parts: object) -> int:
+    """The one seed scheme: the seed of one random draw, a stable hash of the run seed (``base.seed``), what the
+    draw is for (``rows``, ``rollout``, ``eval``) and where it is (step, rank, batch, ...), in ``[0, 2^63)``. Draws
+    for different purposes or places are independent, and each is the same in every process and on every machine."""
+    key = ":".join(map(str, (seed, purpose, *parts))).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 ISA_ENVIRONMENT: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},

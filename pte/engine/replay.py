@@ -185,6 +185,8 @@ def replay_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     """
     bsz, num_tokens = tokens.shape
     pte = find_pte(model)
+    if pte is not None and not pte.bank.enabled:  # adapters off (the frozen base): no state is read, none is built,
+        pte = None  # so the replay is the plain model's, the same bits as any other method's base
     if plan.window is None and pte is None and not with_logits:  # no events: the whole completion is one segment
         lp = _full_cache_logprobs(model, prompt_ids, prompt_mask, tokens, temperature)
         if on_segment is not None:

@@ -28,7 +28,6 @@ It knows nothing about training, tracking or Prefect.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from pte.config import CacheConfig, EvalConfig
+from pte.config.numerics import derive_seed
 from pte.data.rewards import extract_answer, score
 from pte.data.rows import DataConfig, Row, format_prompt, write_json
 from pte.data.tasks import recall_score
@@ -177,10 +177,9 @@ def plan_batches(prompt_lengths: Sequence[int], budget: int | None,
 
 
 def batch_seed(seed: int, budget: int | None, index: int) -> int:
-    """Seed of generation batch ``index`` under ``budget``: a stable hash of (seed, budget, index), the same for
+    """Seed of generation batch ``index`` under ``budget`` (:func:`pte.config.numerics.derive_seed`), the same for
     every method (common random numbers across methods)."""
-    key = f"{seed}:{budget_label(budget)}:{index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    return derive_seed(seed, "eval", budget_label(budget), index)
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:

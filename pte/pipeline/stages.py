@@ -74,19 +74,10 @@ def stage_warmstart(params: Params, base: str | None, data: Path, out: Path, rep
     return {"enabled": True, **result}
 
 
-def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
-                progress: bool = True) -> dict[str, Any]:
-    """Train ``method`` with ``train.objective`` (``grpo``, ``sft`` or ``distill``) on the rows of ``data``; writes
-    ``out/{adapter,checkpoints,metrics.jsonl}``.
-
-    ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
-    side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them."""
+def _training_rows(params: Params, data: Path) -> tuple[list, list[str], list[str] | None]:
+    """The training rows of ``data``, their prompts, and (teacher-forced objectives) their worked solutions."""
     from pte.data.rows import format_prompt, read_jsonl
-    from pte.pipeline.tracking import environment_tags, make_tracker, read_metrics
-    from pte.training.runtime import shutdown_distributed
-    from pte.training.train import train
 
-    params = with_base(params, base)
     rows = read_jsonl(data)
     prompts = [format_prompt(r.problem, params.data) for r in rows]
     solutions = None
@@ -96,12 +87,40 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
         solutions = worked_solutions(rows, f"train.objective = {params.train.objective!r} on worked solutions",
                                      "train on sources with a solution writer "
                                      "(var_chain, reasoning_gym:chain_sum) or use train.objective grpo or distill.")
+    return rows, prompts, solutions
+
+
+def stage_sensitivity(params: Params, base: str | None, data: Path, out: Path) -> dict[str, Any]:
+    """The frozen base's eviction sensitivity of every weighted ``sft`` step, once for every method
+    (``out/sensitivity.safetensors``; :mod:`pte.training.sensitivity`)."""
+    from pte.training.sensitivity import compute_sensitivities
+
+    params = with_base(params, base)
+    rows, prompts, solutions = _training_rows(params, data)
+    return compute_sensitivities(params, prompts, [r.problem for r in rows], solutions or [],
+                                 out / "sensitivity.safetensors")
+
+
+def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
+                progress: bool = True, sensitivity: Path | None = None) -> dict[str, Any]:
+    """Train ``method`` with ``train.objective`` (``grpo``, ``sft`` or ``distill``) on the rows of ``data``; writes
+    ``out/{adapter,checkpoints,metrics.jsonl}``.
+
+    ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
+    side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them. ``sensitivity``: the
+    sensitivity stage's file (its weighted steps are read, not recomputed)."""
+    from pte.pipeline.tracking import environment_tags, make_tracker, read_metrics
+    from pte.training.runtime import shutdown_distributed
+    from pte.training.train import train
+
+    params = with_base(params, base)
+    rows, prompts, solutions = _training_rows(params, data)
     # the trainer writes out/metrics.jsonl itself; the tracker adds MLflow when configured and reachable
     tracker = make_tracker(params.tracking, run_name=f"train-{method}",
                            tags={"method": method, "stage": "train", **environment_tags()})
     try:
         train(params, method, prompts, [r.answer for r in rows], out, tracker=tracker, resume=resume,
-              progress=progress, problems=[r.problem for r in rows], solutions=solutions)
+              progress=progress, problems=[r.problem for r in rows], solutions=solutions, sensitivity=sensitivity)
         shutdown_distributed()  # not after a failure: a rank stopped by an error must not wait for the others
     finally:
         tracker.close()
@@ -173,8 +192,13 @@ def _cmd(args: argparse.Namespace) -> int:
         reports = Path(args.reports)
         summary = stage_warmstart(params, base, Path(args.data), out, reports)
         write_json(reports / "metrics.json", summary)
+    elif args.command == "sensitivity":
+        summary = stage_sensitivity(params, base, Path(args.data), out)
+        write_json(out / "metrics.json", summary)
     elif args.command == "train":
-        summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume)
+        sens = Path(args.sensitivity) / "sensitivity.safetensors" if args.sensitivity else None
+        summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume,
+                              sensitivity=sens)
         write_json(out / "metrics.json", summary)
     elif args.command == "evaluate":
         summary = stage_evaluate(params, base, Path(args.models), Path(args.data), out)
@@ -210,7 +234,16 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--reports", default="reports/warmstart", help="where metrics.json, loss.json, resources.json go")
     p.set_defaults(func=_cmd)
 
-    p = sub.add_parser("train", help="cache-aware GRPO training of one method")
+    p = sub.add_parser("sensitivity", help="the frozen base's eviction sensitivity of the weighted sft steps, once "
+                       "for every method (models/sensitivity)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--base", help="base model directory (default: model.source from params)")
+    p.add_argument("--warmstart", help="warm-start stage output; used as the base when it holds a model")
+    p.add_argument("--data", default="data/train.jsonl")
+    p.add_argument("--out", default="models/sensitivity")
+    p.set_defaults(func=_cmd)
+
+    p = sub.add_parser("train", help="training of one method (grpo, sft or distill) under its cache")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--method", required=True, help="lora, lora_c, pte, pte_global_only or pte_no_global")
     p.add_argument("--base", help="base model directory (default: model.source from params)")
@@ -218,6 +251,8 @@ def add_stage_parsers(sub) -> None:
     p.add_argument("--data", default="data/train.jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--no-resume", action="store_true", help="fail instead of resuming existing checkpoints")
+    p.add_argument("--sensitivity", help="the sensitivity stage's output folder: its eviction sensitivities are read "
+                   "instead of computed")
     p.set_defaults(func=_cmd)
 
     p = sub.add_parser("evaluate", help="accuracy of every method under every cache budget, with plots")

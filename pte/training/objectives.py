@@ -200,19 +200,23 @@ def eviction_sensitivity(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
 
 
 def sft_token_weights(model: nn.Module, batch: SFTBatch, plan: CachePlan, weights: torch.Tensor, alpha: float,
-                      micro_batch: int, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      micro_batch: int, threshold: float | None = None,
+                      sensitivity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, T]`` token weights of a teacher-forced step: ``weights`` (:func:`sft_weights`) plus ``alpha * max(0, s)``
     with ``s`` the :func:`eviction_sensitivity` (computed ``micro_batch`` rows at a time, only when ``alpha > 0``),
     or, with a ``threshold`` tau, plus ``alpha`` where ``s > tau`` (a selection); and ``s``'s
     :func:`label_agreement` with the recall labels (None when ``alpha`` is 0). A full cache (``plan.window`` None,
     ``lora``) evicts nothing, so its ``s`` is exactly 0 (the same forward twice) and is not computed: ``weights``
-    are returned as they are, with no agreement."""
+    are returned as they are, with no agreement. ``sensitivity``: ``s`` computed beforehand for these rows
+    (:mod:`pte.training.sensitivity`), used as it is."""
     if alpha == 0.0 or plan.window is None:
         return weights, None
-    sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + micro_batch],
-                                           batch.prompt_mask[a : a + micro_batch], batch.tokens[a : a + micro_batch],
-                                           batch.mask[a : a + micro_batch], plan)
-                      for a in range(0, batch.tokens.shape[0], micro_batch)])
+    sens = sensitivity
+    if sens is None:
+        sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + micro_batch],
+                                               batch.prompt_mask[a : a + micro_batch],
+                                               batch.tokens[a : a + micro_batch], batch.mask[a : a + micro_batch], plan)
+                          for a in range(0, batch.tokens.shape[0], micro_batch)])
     extra = sens.clamp(min=0.0) if threshold is None else (sens > threshold).to(sens.dtype)
     return weights + alpha * extra, label_agreement(sens, batch.recall, batch.mask)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pte.config import CacheConfig, Params
+from pte.config.numerics import derive_seed
 from pte.config.training import eviction_weight, learning_rate, recall_weight
 from pte.data.rewards import reward_function
 from pte.data.tasks import recall_score
@@ -70,6 +71,7 @@ from pte.training.runtime import (
     seed_everything,
     world_size,
 )
+from pte.training.sensitivity import load_sensitivities
 
 __all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
 
@@ -91,7 +93,7 @@ def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]
     out = []
     for pos in range(step * per_step, (step + 1) * per_step):
         epoch, idx = divmod(pos, num_rows)
-        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(derive_seed(seed, "rows", epoch)))
         out.append(int(perm[idx]))
     return out
 
@@ -101,7 +103,8 @@ class Trainer:
 
     def __init__(self, params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,
                  tracker: Tracker | None = None, reward_fn: RewardFn | None = None,
-                 problems: list[str] | None = None, solutions: list[str] | None = None):
+                 problems: list[str] | None = None, solutions: list[str] | None = None,
+                 sensitivity: str | Path | None = None):
         if len(prompts) != len(answers) or not prompts:
             raise ValueError("training needs a non-empty list of prompts with one answer each")
         if params.train.teacher_forced() and (solutions is None or len(solutions) != len(prompts)):
@@ -112,6 +115,8 @@ class Trainer:
         self.params, self.method, self.prompts, self.answers = params, method, prompts, answers
         self.problems, self.solutions = problems, solutions
         self._rows: list[int] = []  # the training rows of the current step (this rank's share)
+        # the eviction sensitivity of the weighted steps, computed once by the sensitivity stage (else in the loop)
+        self.sensitivity = {} if sensitivity is None else load_sensitivities(sensitivity)
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn or reward_function(params.train.grpo, params.data)
         cfg = params.train
@@ -153,8 +158,8 @@ class Trainer:
             if world_size() > 1:  # one prompt block width on all ranks: the same cache plan, so the same replay chunks
                 width = int(all_reduce([float(ids.shape[1])], self.runtime.device, "max")[0])
                 ids, mask = left_pad(ids, mask, width, self.tok.pad_token_id)
-            seed = ((self.params.base.seed * 1_000_003 + self.step) * 1009 + rank()) * 100_003 + c
-            gen = torch.Generator(device=self.runtime.device).manual_seed(seed)
+            gen = torch.Generator(device=self.runtime.device).manual_seed(
+                derive_seed(self.params.base.seed, "rollout", self.step, rank(), c))
             out = generate(self.model, ids, mask, self.cache_cfg, cfg.sampling(), eos,
                            self.tok.pad_token_id, generator=gen, sync_ranks=True)
             chunks.append(out)
@@ -226,7 +231,7 @@ class Trainer:
         nll_weight = cfg.distill.nll_weight if distill else 1.0
         weights, agreement = sft_token_weights(self.model, batch, plan, sft_weights(batch.mask, batch.recall, w_recall),
                                                eviction_weight(cfg, self.step), cfg.micro_batch,
-                                               cfg.sft.eviction_threshold)
+                                               cfg.sft.eviction_threshold, self._precomputed(rows, batch.tokens))
         num_tok, weight = all_reduce([float(batch.mask.sum()), float(weights.sum())], dev)
         sums = torch.zeros(5, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens, divergence
 
@@ -262,6 +267,14 @@ class Trainer:
                         **({"eviction/precision": hit / above} if above else {}),
                         **({"eviction/recall": hit / recalls} if recalls else {})})
         return out
+
+    def _precomputed(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor | None:
+        """This step's precomputed eviction sensitivity ``[B, T]`` when it was computed for exactly these rows (and
+        shape), else None (the trainer computes it)."""
+        rows_then, sens = self.sensitivity.get(self.step, (None, None))
+        if rows_then != rows or sens.shape != tokens.shape:
+            return None
+        return sens.to(tokens.device)
 
     def _distill_update(self, chunks: list[Rollout], check: bool) -> dict[str, float]:
         """One step of on-policy distillation toward the adapter-disabled full-cache model, chunk by chunk."""
@@ -430,13 +443,17 @@ class Trainer:
 
 def train(params: Params, method: str, prompts: list[str], answers: list[str], out_dir: str | Path,
           tracker: Tracker | None = None, resume: bool = True, progress: bool = True,
-          problems: list[str] | None = None, solutions: list[str] | None = None) -> dict[str, float]:
+          problems: list[str] | None = None, solutions: list[str] | None = None,
+          sensitivity: str | Path | None = None) -> dict[str, float]:
     """Train ``method`` with ``train.objective`` and write ``out_dir/{adapter, checkpoints, metrics.jsonl}``.
 
     ``problems`` (the raw problem texts) turn on the recall metrics; ``solutions`` (worked solutions) are needed by
-    the ``sft`` objective. Returns the last step's metrics (empty when resuming a finished run).
+    the ``sft`` objective; ``sensitivity``: a file of :func:`pte.training.sensitivity.compute_sensitivities` (the
+    eviction weights' sensitivity, computed once for every method). Returns the last step's metrics (empty when
+    resuming a finished run).
     """
-    trainer = Trainer(params, method, prompts, answers, out_dir, tracker, problems=problems, solutions=solutions)
+    trainer = Trainer(params, method, prompts, answers, out_dir, tracker, problems=problems, solutions=solutions,
+                      sensitivity=sensitivity)
     if resume:
         if trainer.resume() and is_main():
             # said on stderr, not only logged: a rerun of a killed `dvc repro` shows that it continues

@@ -1,0 +1,96 @@
+"""The frozen base's eviction sensitivity for eviction-weighted ``sft``, computed once for every method.
+
+``train.sft.eviction_weight`` weighs each token of a worked solution by the frozen base's eviction sensitivity
+(:func:`pte.training.objectives.eviction_sensitivity`: its NLL under the training cache minus under a full cache).
+That depends on the base, the training cache and the step's rows, not on the method, so every bounded-cache method
+(``lora_c``, ``pte``) would compute the same tensors, at about 80% of a plain step's cost while the weight is on.
+The ``sensitivity`` stage computes them once, for the steps of the weighted phase, with the step's rows batched as
+the trainer batches them; the trainer reads a step's tensor when its rows match and computes it otherwise (another
+rank layout, a resumed run with other settings). On the CPU the precomputed tensor is the same bits as the one the
+trainer would compute (tested), so the stage changes no result, only the time (docs/pipeline.md).
+
+File: one safetensors file, per weighted step ``s`` the keys ``sensitivity.s`` (``[B, T]`` float, the step's rows in
+order, T the longest solution of the step) and ``rows.s`` (``[B]`` int64, the training rows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pte.config import Params
+from pte.config.training import eviction_weight
+
+__all__ = ["compute_sensitivities", "load_sensitivities", "weighted_steps"]
+
+
+def weighted_steps(params: Params) -> int:
+    """How many leading steps carry an eviction weight (0 when none, or when the training cache evicts nothing)."""
+    cfg = params.train
+    if not cfg.teacher_forced() or params.cache.is_full:
+        return 0
+    return sum(1 for step in range(cfg.steps) if eviction_weight(cfg, step) > 0)
+
+
+def compute_sensitivities(params: Params, prompts: list[str], problems: list[str], solutions: list[str],
+                          out: str | Path, progress: bool = True) -> dict[str, int]:
+    """Write the eviction sensitivity of every weighted step to ``out`` (a safetensors file; no weighted step: a file
+    with no tensors). The base model is ``params.model.source``, loaded as the trainer loads it; the rows of step
+    ``s`` are the trainer's (``select_rows`` with ``base.seed``), encoded and micro-batched as it does.
+
+    Returns:
+        ``{"steps": weighted steps, "rows": rows scored}``.
+    """
+    from safetensors.torch import save_file
+
+    from pte.engine.cache import plan_cache
+    from pte.engine.inference import eos_ids
+    from pte.engine.models import load_model
+    from pte.training.objectives import eviction_sensitivity, sft_batch
+    from pte.training.runtime import Runtime, seed_everything
+    from pte.training.train import select_rows
+
+    cfg, n = params.train, weighted_steps(params)
+    tensors: dict[str, torch.Tensor] = {}
+    if n:
+        runtime = Runtime(cfg)
+        seed_everything(params.base.seed)
+        model, tok = load_model(params.model.source, dtype=params.model.dtype if runtime.precision == "bf16"
+                                else "float32", device=runtime.device,
+                                attn_implementation=params.model.attn_implementation,
+                                revision=params.model.revision, seed=params.base.seed)
+        model.eval()
+        eos = eos_ids(model, tok)[0]
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(n), desc="eviction sensitivity", disable=not progress):
+            rows = select_rows(len(prompts), step, cfg.prompts_per_step, params.base.seed)
+            batch = sft_batch(tok, [prompts[i] for i in rows], [problems[i] for i in rows],
+                              [solutions[i] for i in rows], params.data.system_prompt, eos, runtime.device)
+            plan = plan_cache(params.cache, batch.prompt_ids.shape[1])
+            mb = cfg.micro_batch
+            sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + mb], batch.prompt_mask[a : a + mb],
+                                                   batch.tokens[a : a + mb], batch.mask[a : a + mb], plan)
+                              for a in range(0, len(rows), mb)])
+            tensors[f"sensitivity.{step}"] = sens.cpu().contiguous()
+            tensors[f"rows.{step}"] = torch.tensor(rows, dtype=torch.int64)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return {"steps": n, "rows": n * cfg.prompts_per_step}
+
+
+def load_sensitivities(path: str | Path) -> dict[int, tuple[list[int], torch.Tensor]]:
+    """``{step: (rows, sensitivity [B, T])}`` from a file of :func:`compute_sensitivities`.
+
+    Raises:
+        FileNotFoundError: no such file (run the sensitivity stage first, or train without it).
+    """
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no eviction sensitivity file at {str(path)!r}; run the sensitivity stage first "
+                                "(dvc repro sensitivity) or train without --sensitivity.")
+    tensors = load_file(str(path))
+    steps = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("sensitivity."))
+    return {s: (tensors[f"rows.{s}"].tolist(), tensors[f"sensitivity.{s}"]) for s in steps}
