@@ -27,7 +27,8 @@ SIDE_FILES = ["reports/warmstart/resources.json", "reports/evaluate/resources.js
               "reports/register/registration.json", "models/{m}/metrics.jsonl",
               "models/{m}/checkpoints/step-000002/meta.json", "models/{m}/checkpoints/latest"]
 ENVIRONMENT_FILES = ["reports/base_model/environment.json", "reports/warmstart/environment.json",
-                     "models/{m}/environment.json", "reports/evaluate/environment.json",
+                     "models/{m}/environment.json", "models/sensitivity/environment.json",
+                     "reports/evaluate/environment.json",
                      "reports/register/environment.json"]
 """Each stage's numeric environment (pte.pipeline.numerics.environment): the same bytes on one kind of machine, so
 committed beside the metrics, but not declared (another machine's record must not make DVC rerun anything)."""

@@ -15,10 +15,12 @@ import sys
 import torch
 
 from pte.config import TrainConfig
+from pte.config.numerics import derive_seed
 from pte.engine.rollout import Rollout, pad_rollout
 
 __all__ = ["Runtime", "align_ranks", "all_reduce", "init_engine", "is_main", "left_pad", "peak_memory_bytes",
-           "process_peak_rss_bytes", "rank", "seed_everything", "shutdown_distributed", "world_size"]
+           "process_peak_rss_bytes", "rank", "seed_everything", "select_rows", "shutdown_distributed",
+           "world_size"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,16 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch (resumable by step)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, idx = divmod(pos, num_rows)
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(derive_seed(seed, "rows", epoch)))
+        out.append(int(perm[idx]))
+    return out
 
 
 def seed_everything(seed: int) -> None:

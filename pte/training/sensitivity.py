@@ -22,7 +22,7 @@ import torch
 from pte.config import Params
 from pte.config.training import eviction_weight
 
-__all__ = ["compute_sensitivities", "load_sensitivities", "weighted_steps"]
+__all__ = ["compute_sensitivities", "load_sensitivities", "step_sensitivity", "weighted_steps"]
 
 
 def weighted_steps(params: Params) -> int:
@@ -48,8 +48,7 @@ def compute_sensitivities(params: Params, prompts: list[str], problems: list[str
     from pte.engine.inference import eos_ids
     from pte.engine.models import load_model
     from pte.training.objectives import eviction_sensitivity, sft_batch
-    from pte.training.runtime import Runtime, seed_everything
-    from pte.training.train import select_rows
+    from pte.training.runtime import Runtime, seed_everything, select_rows
 
     cfg, n = params.train, weighted_steps(params)
     tensors: dict[str, torch.Tensor] = {}
@@ -94,3 +93,13 @@ def load_sensitivities(path: str | Path) -> dict[int, tuple[list[int], torch.Ten
     tensors = load_file(str(path))
     steps = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("sensitivity."))
     return {s: (tensors[f"rows.{s}"].tolist(), tensors[f"sensitivity.{s}"]) for s in steps}
+
+
+def step_sensitivity(sensitivities: dict[int, tuple[list[int], torch.Tensor]], step: int, rows: list[int],
+                     tokens: torch.Tensor) -> torch.Tensor | None:
+    """Step ``step``'s sensitivity ``[B, T]`` from :func:`load_sensitivities` when it was computed for exactly these
+    ``rows`` and ``tokens``' shape, on ``tokens``' device; else None (the trainer computes it)."""
+    rows_then, sens = sensitivities.get(step, (None, None))
+    if rows_then != rows or sens.shape != tokens.shape:
+        return None
+    return sens.to(tokens.device)

@@ -69,9 +69,10 @@ from pte.training.runtime import (
     peak_memory_bytes,
     rank,
     seed_everything,
+    select_rows,
     world_size,
 )
-from pte.training.sensitivity import load_sensitivities
+from pte.training.sensitivity import load_sensitivities, step_sensitivity
 
 __all__ = ["ReplayMismatchError", "TrainingDivergedError", "select_rows", "train"]
 
@@ -86,16 +87,6 @@ class ReplayMismatchError(RuntimeError):
 
 class TrainingDivergedError(RuntimeError):
     """A reward or the loss became NaN/inf."""
-
-
-def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch (resumable by step)."""
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch, idx = divmod(pos, num_rows)
-        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(derive_seed(seed, "rows", epoch)))
-        out.append(int(perm[idx]))
-    return out
 
 
 class Trainer:
@@ -231,7 +222,8 @@ class Trainer:
         nll_weight = cfg.distill.nll_weight if distill else 1.0
         weights, agreement = sft_token_weights(self.model, batch, plan, sft_weights(batch.mask, batch.recall, w_recall),
                                                eviction_weight(cfg, self.step), cfg.micro_batch,
-                                               cfg.sft.eviction_threshold, self._precomputed(rows, batch.tokens))
+                                               cfg.sft.eviction_threshold,
+                                               step_sensitivity(self.sensitivity, self.step, rows, batch.tokens))
         num_tok, weight = all_reduce([float(batch.mask.sum()), float(weights.sum())], dev)
         sums = torch.zeros(5, dtype=torch.float64)  # nll, recall nll, recall hits, recall tokens, divergence
 
@@ -267,14 +259,6 @@ class Trainer:
                         **({"eviction/precision": hit / above} if above else {}),
                         **({"eviction/recall": hit / recalls} if recalls else {})})
         return out
-
-    def _precomputed(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor | None:
-        """This step's precomputed eviction sensitivity ``[B, T]`` when it was computed for exactly these rows (and
-        shape), else None (the trainer computes it)."""
-        rows_then, sens = self.sensitivity.get(self.step, (None, None))
-        if rows_then != rows or sens.shape != tokens.shape:
-            return None
-        return sens.to(tokens.device)
 
     def _distill_update(self, chunks: list[Rollout], check: bool) -> dict[str, float]:
         """One step of on-policy distillation toward the adapter-disabled full-cache model, chunk by chunk."""
@@ -448,9 +432,8 @@ def train(params: Params, method: str, prompts: list[str], answers: list[str], o
     """Train ``method`` with ``train.objective`` and write ``out_dir/{adapter, checkpoints, metrics.jsonl}``.
 
     ``problems`` (the raw problem texts) turn on the recall metrics; ``solutions`` (worked solutions) are needed by
-    the ``sft`` objective; ``sensitivity``: a file of :func:`pte.training.sensitivity.compute_sensitivities` (the
-    eviction weights' sensitivity, computed once for every method). Returns the last step's metrics (empty when
-    resuming a finished run).
+    the ``sft`` objective; ``sensitivity``: the eviction sensitivities computed beforehand
+    (:mod:`pte.training.sensitivity`). Returns the last step's metrics (empty when resuming a finished run).
     """
     trainer = Trainer(params, method, prompts, answers, out_dir, tracker, problems=problems, solutions=solutions,
                       sensitivity=sensitivity)
