@@ -200,3 +200,10 @@ depth_task 3  # params.yaml's training split already holds 1024 problems
 D3="python -m research.study varchain --params runs/study/d3/params.yaml --data runs/study/d3/data --threads 1
     --out research/results/varchain-13.jsonl"
 $D3 --tag d3-EW-a33x60-wsd3e-3-d30-90-seed0 --methods pte_no_global $SFT11 --set base.seed=0
+# Fourteenth session (results in research/results/varchain-14.jsonl, training curves in
+# research/results/varchain-14-*-train.jsonl): EW120's LoRA_c twins on seeds 1 and 2 (120 steps, trained as EW120's
+# pte runs), run from a worktree of commit 9b921cb, the two side by side.
+V14="${V9% --out*} --out research/results/varchain-14.jsonl"
+for seed in 1 2; do
+  $V14 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed$seed --methods lora_c $SFT11 $EW120 --set base.seed=$seed
+done
