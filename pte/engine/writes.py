@@ -221,7 +221,7 @@ class LinearWrite(Write):
         super().__init__(encoder, cfg)
         self.acc: torch.Tensor | None = None  # sampling: S_g + the events so far
         self.kv_sum: torch.Tensor | None = None  # replay: [L, B, d_kv, d_kv], detached
-        self.exact = cfg.extensions.write_context == 1  # linear in the parameters: fold every event
+        self.exact = cfg.extensions.exact  # linear in the parameters: fold every event
 
     def start(self, qa: torch.Tensor, base: torch.Tensor) -> None:
         self.qa, self.acc = qa, base

@@ -30,9 +30,9 @@ from pte.engine.cache import BoundedCache, CachePlan
 from pte.engine.replay import chunk_logits, replay_logprobs
 from pte.training.grpo import GRPOLossConfig, GRPOStats, per_token_objective
 
-__all__ = ["ChunkTotals", "FullCacheTeacher", "ReplayGap", "SFTBatch", "completion_tokens", "eviction_sensitivity",
-           "grpo_chunk", "jsd_loss", "label_agreement", "recall_positions", "replay_gap", "sft_batch", "sft_chunk",
-           "sft_token_weights", "sft_weights", "token_kl"]
+__all__ = ["ChunkTotals", "FullCacheTeacher", "ReplayGap", "SFTBatch", "batch_sensitivity", "completion_tokens",
+           "eviction_sensitivity", "grpo_chunk", "jsd_loss", "label_agreement", "recall_positions", "replay_gap",
+           "sft_batch", "sft_chunk", "sft_token_weights", "sft_weights", "token_kl"]
 
 
 def completion_tokens(tokenizer, solutions: list[str], eos_id: int, pad_id: int,
@@ -199,6 +199,15 @@ def eviction_sensitivity(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask
     return (full - bounded) * mask
 
 
+def batch_sensitivity(model: nn.Module, batch: SFTBatch, plan: CachePlan, micro_batch: int) -> torch.Tensor:
+    """``[B, T]`` :func:`eviction_sensitivity` of a step's rows, ``micro_batch`` rows at a time (as the trainer replays
+    them; the sensitivity stage calls this too, so the two give the same bits)."""
+    return torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + micro_batch],
+                                           batch.prompt_mask[a : a + micro_batch], batch.tokens[a : a + micro_batch],
+                                           batch.mask[a : a + micro_batch], plan)
+                      for a in range(0, batch.tokens.shape[0], micro_batch)])
+
+
 def sft_token_weights(model: nn.Module, batch: SFTBatch, plan: CachePlan, weights: torch.Tensor, alpha: float,
                       micro_batch: int, threshold: float | None = None,
                       sensitivity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -211,12 +220,7 @@ def sft_token_weights(model: nn.Module, batch: SFTBatch, plan: CachePlan, weight
     (:mod:`pte.training.sensitivity`), used as it is."""
     if alpha == 0.0 or plan.window is None:
         return weights, None
-    sens = sensitivity
-    if sens is None:
-        sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + micro_batch],
-                                               batch.prompt_mask[a : a + micro_batch],
-                                               batch.tokens[a : a + micro_batch], batch.mask[a : a + micro_batch], plan)
-                          for a in range(0, batch.tokens.shape[0], micro_batch)])
+    sens = batch_sensitivity(model, batch, plan, micro_batch) if sensitivity is None else sensitivity
     extra = sens.clamp(min=0.0) if threshold is None else (sens > threshold).to(sens.dtype)
     return weights + alpha * extra, label_agreement(sens, batch.recall, batch.mask)
 

@@ -47,7 +47,7 @@ def compute_sensitivities(params: Params, prompts: list[str], problems: list[str
     from pte.engine.cache import plan_cache
     from pte.engine.inference import eos_ids
     from pte.engine.models import load_model
-    from pte.training.objectives import eviction_sensitivity, sft_batch
+    from pte.training.objectives import batch_sensitivity, sft_batch
     from pte.training.runtime import Runtime, seed_everything, select_rows
 
     cfg, n = params.train, weighted_steps(params)
@@ -67,11 +67,8 @@ def compute_sensitivities(params: Params, prompts: list[str], problems: list[str
             rows = select_rows(len(prompts), step, cfg.prompts_per_step, params.base.seed)
             batch = sft_batch(tok, [prompts[i] for i in rows], [problems[i] for i in rows],
                               [solutions[i] for i in rows], params.data.system_prompt, eos, runtime.device)
-            plan = plan_cache(params.cache, batch.prompt_ids.shape[1])
-            mb = cfg.micro_batch
-            sens = torch.cat([eviction_sensitivity(model, batch.prompt_ids[a : a + mb], batch.prompt_mask[a : a + mb],
-                                                   batch.tokens[a : a + mb], batch.mask[a : a + mb], plan)
-                              for a in range(0, len(rows), mb)])
+            sens = batch_sensitivity(model, batch, plan_cache(params.cache, batch.prompt_ids.shape[1]),
+                                     cfg.micro_batch)
             tensors[f"sensitivity.{step}"] = sens.cpu().contiguous()
             tensors[f"rows.{step}"] = torch.tensor(rows, dtype=torch.int64)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
