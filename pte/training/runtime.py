@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from pte.config import TrainConfig
+from pte.config import Params, TrainConfig
 from pte.config.numerics import derive_seed
 from pte.engine.rollout import Rollout, pad_rollout
 
@@ -89,6 +89,20 @@ class Runtime:
             self.device = torch.device("cuda", local)
         else:
             self.device = torch.device("cpu")
+
+    def load_base(self, params: Params):
+        """The base model and tokenizer of ``params.model`` on this runtime's device, at the dtype training needs.
+
+        fp32 training needs fp32 weights; under bf16 DeepSpeed casts the model to bf16 anyway (fp32 master copies of
+        the adapters), so loading at ``model.dtype`` (auto: bf16 on CUDA) only saves memory. Returns
+        ``(model, tokenizer)``; the trainer and the sensitivity stage load through here, so they hold the same weights.
+        """
+        from pte.engine.models import load_model
+
+        dtype = params.model.dtype if self.precision == "bf16" else "float32"
+        return load_model(params.model.source, dtype=dtype, device=self.device,
+                          attn_implementation=params.model.attn_implementation, revision=params.model.revision,
+                          seed=params.base.seed)
 
 
 def _skip_shm_op() -> None:

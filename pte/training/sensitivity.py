@@ -46,7 +46,6 @@ def compute_sensitivities(params: Params, prompts: list[str], problems: list[str
 
     from pte.engine.cache import plan_cache
     from pte.engine.inference import eos_ids
-    from pte.engine.models import load_model
     from pte.training.objectives import batch_sensitivity, sft_batch
     from pte.training.runtime import Runtime, seed_everything, select_rows
 
@@ -55,10 +54,7 @@ def compute_sensitivities(params: Params, prompts: list[str], problems: list[str
     if n:
         runtime = Runtime(cfg)
         seed_everything(params.base.seed)
-        model, tok = load_model(params.model.source, dtype=params.model.dtype if runtime.precision == "bf16"
-                                else "float32", device=runtime.device,
-                                attn_implementation=params.model.attn_implementation,
-                                revision=params.model.revision, seed=params.base.seed)
+        model, tok = runtime.load_base(params)
         model.eval()
         eos = eos_ids(model, tok)[0]
         from tqdm.auto import tqdm

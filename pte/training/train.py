@@ -40,7 +40,6 @@ from pte.engine.adapters import (
 )
 from pte.engine.cache import CachePlan, plan_cache
 from pte.engine.inference import completion_ids, decode_completion, encode_prompts, eos_ids
-from pte.engine.models import load_model
 from pte.engine.replay import replay_logprobs
 from pte.engine.rollout import Rollout, generate
 from pte.pipeline.tracking import JsonlTracker, MultiTracker, NullTracker, Tracker
@@ -116,12 +115,7 @@ class Trainer:
                              f"processes ({world_size()}).")
         self.runtime = Runtime(cfg)
         seed_everything(params.base.seed)
-        # fp32 training (train.precision) needs fp32 weights; under bf16 DeepSpeed casts the model to bf16 anyway
-        # (fp32 master copies of the adapters), so loading at model.dtype (auto: bf16 on CUDA) only saves memory
-        dtype = params.model.dtype if self.runtime.precision == "bf16" else "float32"
-        model, self.tok = load_model(params.model.source, dtype=dtype, device=self.runtime.device,
-                                     attn_implementation=params.model.attn_implementation,
-                                     revision=params.model.revision, seed=params.base.seed)
+        model, self.tok = self.runtime.load_base(params)
         self.model = attach_adapter(model, method, params.adapter, params.pte)
         if cfg.init_adapter:
             load_adapter_weights(self.model, method, cfg.init_adapter)
