@@ -52,7 +52,7 @@ NO_CUDA = ("bench/gpu_memory.py needs a CUDA GPU; found none. Run it on a GPU ma
            "--tiny --device cpu).")
 
 
-def build_model(out_dir: Path, tiny: bool, dtype: str, tokenizer_src: str) -> dict:
+def build_model(out_dir: Path, tiny: bool, dtype: str, tokenizer_src: str, device: str = "cpu") -> dict:
     """Write a random-weight Qwen2 model (:data:`QWEN25_3B`, or :data:`TINY`) and the tokenizer to ``out_dir``.
 
     The model samples ids over Qwen2.5's 151,936-token vocabulary while the SmolLM2 tokenizer knows 49,152: decoding
@@ -62,8 +62,20 @@ def build_model(out_dir: Path, tiny: bool, dtype: str, tokenizer_src: str) -> di
     would need a logits mask inside our rollout and TRL's ``generate`` alike and change what is measured; shrinking
     the vocabulary would shrink the embedding and the [B, T, V] logits, a large part of the memory measured.
 
+    The weights are initialised on ``device`` in a child process (spawned, so this parent never holds a CUDA
+    context and the GPU memory the workers need): on a GPU that takes seconds where the host CPU took ~2 minutes for
+    the 3B model (bench/results/gpu_suite_h200.json, ``build_s``).
+
     Returns: a description for the JSON (config, parameter count, dtype, tokenizer).
     """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_build, (str(out_dir), tiny, dtype, tokenizer_src, device))
+
+
+def _build(out_dir: str, tiny: bool, dtype: str, tokenizer_src: str, device: str) -> dict:
+    """:func:`build_model`'s work, in the child process."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -76,8 +88,8 @@ def build_model(out_dir: Path, tiny: bool, dtype: str, tokenizer_src: str) -> di
     config = Qwen2Config(**spec, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, use_sliding_window=False)
     torch.manual_seed(0)
-    # Built on CPU: a CUDA context in this parent would hold GPU memory the workers then lack.
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -198,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = int(args.max_rss_gib * GIB)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="pte-gpu-bench-") as tmp:
-        model = build_model(Path(tmp), args.tiny, dtype, tokenizer_src)
+        model = build_model(Path(tmp), args.tiny, dtype, tokenizer_src, args.device)
         print(f"{model['architecture']}: {model['parameters'] / 1e9:.3f} B parameters, random weights, {dtype}, "
               f"on {name}", flush=True)
         head = {"date": date.today().isoformat(), "device": args.device, "device_name": name,

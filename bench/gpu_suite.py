@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = int(args.max_rss_gib * GIB)
     with tempfile.TemporaryDirectory(prefix="pte-gpu-suite-") as tmp:
         start = time.perf_counter()
-        result["model"] = {**build_model(Path(tmp), args.tiny, dtype, tokenizer_src),
+        result["model"] = {**build_model(Path(tmp), args.tiny, dtype, tokenizer_src, args.device),
                            "build_s": time.perf_counter() - start}
         print(f"{result['model']['architecture']}: {result['model']['parameters'] / 1e9:.3f} B parameters, random "
               f"weights, {dtype}, on {name}; built in {result['model']['build_s']:.0f} s", flush=True)
