@@ -207,3 +207,17 @@ V14="${V9% --out*} --out research/results/varchain-14.jsonl"
 for seed in 1 2; do
   $V14 --tag d4-EW-a33x90-wsd3e-3-d30-120-seed$seed --methods lora_c $SFT11 $EW120 --set base.seed=$seed
 done
+# Fifteenth session (results in research/results/varchain-15.jsonl): GRPO alone from the warm-started base on seeds
+# 0, 1 and 2, and GRPO after EW120 (init: the pte adapter of the default pipeline's make run at commit 844a6dc, seed
+# 0), 15 steps of 4 prompts x 4 rollouts (128 tokens), lr 3e-4 constant, the default pte form; run from a worktree of
+# commit 6021b7d (the current seed scheme and keys), two jobs side by side, one thread each (niced while a make run
+# shared the machine).
+V15="${V9% --out*} --out research/results/varchain-15.jsonl"
+GR15="--set train.objective=grpo --set train.steps=15 --set train.prompts_per_step=4 --set train.rollout.batch=16
+      --set train.rollout.num_generations=4 --set train.rollout.max_completion_length=128 --set train.micro_batch=8
+      --set train.save_every=1000 --set train.lr=0.0003 --set train.lr_schedule=constant --set train.lr_decay_steps=null"
+for seed in 0 1 2; do
+  $V15 --tag d4-grpo-alone-lr3e-4-15-seed$seed --methods pte $GR15 --set base.seed=$seed
+done
+$V15 --tag d4-EW120-then-grpo-lr3e-4-15-seed0 --methods pte $GR15 --set base.seed=0 \
+   --set train.init_adapter=runs/study/ew120-makerun-seed0-adapter  # a copy of models/pte/adapter
