@@ -221,3 +221,9 @@ for seed in 0 1 2; do
 done
 $V15 --tag d4-EW120-then-grpo-lr3e-4-15-seed0 --methods pte $GR15 --set base.seed=0 \
    --set train.init_adapter=runs/study/ew120-makerun-seed0-adapter  # a copy of models/pte/adapter
+# The same 128 held-out problems on the default pipeline's EW120 adapters before GRPO (pte and lora_c, seed 0), and
+# the LoRA_c twins of GRPO alone and of GRPO after EW120 (init: a copy of models/lora_c/adapter), seed 0.
+$V15 --tag d4-EW120-makerun-seed0-before-grpo --methods pte lora_c --trained models
+$V15 --tag d4-grpo-alone-lr3e-4-15-seed0 --methods lora_c $GR15 --set base.seed=0
+$V15 --tag d4-EW120-then-grpo-lr3e-4-15-seed0 --methods lora_c $GR15 --set base.seed=0 \
+   --set train.init_adapter=runs/study/ew120-makerun-seed0-lora_c-adapter  # a copy of models/lora_c/adapter
