@@ -121,6 +121,22 @@ def test_adapter_records_its_form_and_one_saved_with_flat_extension_keys_still_l
         load_adapter(tiny("llama-tiny")[0], out)
 
 
+def test_a_lora_adapter_whose_saved_pte_settings_name_a_removed_setting_still_loads(tmp_path):
+    """``lora`` never reads ``pte``: its saved settings holding a removed setting (on) do not stop it loading."""
+    import json
+
+    model, tok = tiny("llama-tiny")
+    model = attach_adapter(model, "lora", ADAPTER, PTE)
+    _dummy_step(model, tok, steps=1)
+    trained = _logits(model, tok)
+    out = save_adapter(model, tmp_path / "adapter", "lora", ADAPTER, PTE)
+    meta = json.loads((out / "pte_adapter.json").read_text())
+    (out / "pte_adapter.json").write_text(json.dumps({**meta, "pte": {**meta["pte"], "read": "gated"}}))
+    loaded, method = load_adapter(tiny("llama-tiny")[0], out)
+    assert method == "lora"
+    torch.testing.assert_close(_logits(loaded, tok), trained, atol=1e-6, rtol=0)
+
+
 def test_pte_rollout_uses_state_and_disable_restores_base():
     model, tok = tiny("llama-tiny")
     ids, am = batch(tok)

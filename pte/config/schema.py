@@ -116,9 +116,11 @@ MOVED_KEYS = {
 the section of the concern that reads it: docs/pipeline.md, "Configuration")."""
 
 
-REMOVED_KEYS = {"pte.write_gate": "the learned write gate", "pte.read": "the selective and gated reads"}
-"""Settings that were removed, with what they switched on: refuted extensions (research/log.md) that last ran at
-commit :data:`LAST_COMMIT_WITH_REMOVED`, named in the error a file that sets them gets."""
+REMOVED_KEYS = {"pte.write_gate": ("the learned write gate", False),
+                "pte.read": ("the selective and gated reads", "linear")}
+"""Settings that were removed -> (what they switched on, their value when off): refuted extensions
+(research/log.md) that last ran at commit :data:`LAST_COMMIT_WITH_REMOVED`, named in the error a file that sets them
+gets (an adapter's saved settings may hold the off value: it loads)."""
 
 LAST_COMMIT_WITH_REMOVED = "9b921cb"
 
@@ -131,7 +133,7 @@ def moved(key: str) -> typing.NoReturn:
 
 def removed(key: str) -> typing.NoReturn:
     """Raise the error of a removed setting (:data:`REMOVED_KEYS`)."""
-    raise ValueError(f"params: `{key}` ({REMOVED_KEYS[key]}, refuted: research/log.md) was removed; delete the key, "
+    raise ValueError(f"params: `{key}` ({REMOVED_KEYS[key][0]}, refuted: research/log.md) was removed; delete the key, "
                      f"or check out commit {LAST_COMMIT_WITH_REMOVED} to reproduce its results.")
 
 

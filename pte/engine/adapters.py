@@ -218,8 +218,7 @@ def find_pte(model: nn.Module) -> PTEAdapter | None:
 
 
 def _is_adapter_param(name: str) -> bool:
-    return (".pte_down" in name or ".pte_up" in name or ".pte_gate_" in name or "pte_adapter." in name
-            or "lora_" in name)
+    return ".pte_down" in name or ".pte_up" in name or "pte_adapter." in name or "lora_" in name
 
 
 def attach_adapter(model: nn.Module, method: str, adapter_cfg: AdapterConfig, pte_cfg: PTEConfig) -> nn.Module:
@@ -335,26 +334,25 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-_FLAT_EXTENSIONS = {"write": "write", "write_context": "write_context", "gate_horizon": "grad_horizon"}
-"""Keys an adapter saved before ``pte.extensions`` existed wrote flat in its ``pte`` settings -> their new names."""
-
-
-def upgrade_pte_meta(pte: dict, adapter_dir: str | Path) -> dict:
+def upgrade_pte_meta(pte: dict, adapter_dir: str | Path, method: str) -> dict:
     """The ``pte`` settings of an adapter's meta in today's layout: an adapter saved with the flat extension keys
-    (before ``pte.extensions``) loads as it was trained.
+    (before ``pte.extensions``: :data:`pte.config.schema.MOVED_KEYS`) loads as it was trained.
 
     Raises:
-        ValueError: it was trained with a removed setting (the write gate or a selective read): its weights need the
-            code of that time (the commit is named).
+        ValueError: a PTE adapter trained with a removed setting (:data:`pte.config.schema.REMOVED_KEYS`, on): its
+            weights need the code of that time (the commit is named). A LoRA adapter never read them: they are
+            dropped.
     """
-    from pte.config.schema import LAST_COMMIT_WITH_REMOVED
+    from pte.config.schema import LAST_COMMIT_WITH_REMOVED, MOVED_KEYS, REMOVED_KEYS
 
     pte = dict(pte)
-    used = [k for k, off in (("write_gate", False), ("read", "linear")) if pte.pop(k, off) != off]
-    if used:
-        raise ValueError(f"the adapter in {adapter_dir!s} was trained with the removed pte.{used[0]} (refuted: "
+    used = [k for k, (_, off) in REMOVED_KEYS.items() if pte.pop(k.split(".", 1)[1], off) != off]
+    if used and method in PTE_METHODS:
+        raise ValueError(f"the adapter in {adapter_dir!s} was trained with the removed {used[0]} (refuted: "
                          f"research/log.md); load it with the code of commit {LAST_COMMIT_WITH_REMOVED}.")
-    flat = {new: pte.pop(old) for old, new in _FLAT_EXTENSIONS.items() if old in pte}
+    prefix = "pte.extensions."
+    flat = {new[len(prefix):]: pte.pop(old[len("pte."):]) for old, new in MOVED_KEYS.items()
+            if new.startswith(prefix) and old[len("pte."):] in pte}
     if flat:
         pte["extensions"] = {**flat, **pte.get("extensions", {})}
     return pte
@@ -365,7 +363,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> tuple[nn.Module, 
     meta = read_adapter_meta(adapter_dir)
     method = meta["method"]
     adapter_cfg = section_from_dict(AdapterConfig, meta["adapter"], "adapter")
-    pte_cfg = section_from_dict(PTEConfig, upgrade_pte_meta(meta["pte"], adapter_dir), "pte")
+    pte_cfg = section_from_dict(PTEConfig, upgrade_pte_meta(meta["pte"], adapter_dir, method), "pte")
     if method in ("lora", "lora_c"):
         from peft import PeftModel
 

@@ -92,13 +92,13 @@ def _training_rows(params: Params, data: Path) -> tuple[list, list[str], list[st
 
 def stage_sensitivity(params: Params, base: str | None, data: Path, out: Path) -> dict[str, Any]:
     """The frozen base's eviction sensitivity of every weighted ``sft`` step, once for every method
-    (``out/sensitivity.safetensors``; :mod:`pte.training.sensitivity`)."""
-    from pte.training.sensitivity import compute_sensitivities
+    (``out/`` :data:`~pte.training.sensitivity.SENSITIVITY_FILE`; :mod:`pte.training.sensitivity`)."""
+    from pte.training.sensitivity import SENSITIVITY_FILE, compute_sensitivities
 
     params = with_base(params, base)
     rows, prompts, solutions = _training_rows(params, data)
     return compute_sensitivities(params, prompts, [r.problem for r in rows], solutions or [],
-                                 out / "sensitivity.safetensors")
+                                 out / SENSITIVITY_FILE)
 
 
 def stage_train(params: Params, method: str, base: str | None, data: Path, out: Path, resume: bool = True,
@@ -108,9 +108,10 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
 
     ``adapter`` is the declared output; ``checkpoints`` and ``metrics.jsonl`` (the run's log, timings included) are
     side files that DVC neither tracks nor deletes, so a rerun after a kill resumes from them. ``sensitivity``: the
-    sensitivity stage's file (its weighted steps are read, not recomputed)."""
+    sensitivity stage's output directory (its weighted steps are read, not recomputed)."""
     from pte.pipeline.tracking import environment_tags, make_tracker, read_metrics
     from pte.training.runtime import shutdown_distributed
+    from pte.training.sensitivity import SENSITIVITY_FILE
     from pte.training.train import train
 
     params = with_base(params, base)
@@ -120,7 +121,8 @@ def stage_train(params: Params, method: str, base: str | None, data: Path, out: 
                            tags={"method": method, "stage": "train", **environment_tags()})
     try:
         train(params, method, prompts, [r.answer for r in rows], out, tracker=tracker, resume=resume,
-              progress=progress, problems=[r.problem for r in rows], solutions=solutions, sensitivity=sensitivity)
+              progress=progress, problems=[r.problem for r in rows], solutions=solutions,
+              sensitivity=None if sensitivity is None else sensitivity / SENSITIVITY_FILE)
         shutdown_distributed()  # not after a failure: a rank stopped by an error must not wait for the others
     finally:
         tracker.close()
@@ -196,9 +198,8 @@ def _cmd(args: argparse.Namespace) -> int:
         summary = stage_sensitivity(params, base, Path(args.data), out)
         write_json(out / "metrics.json", summary)
     elif args.command == "train":
-        sens = Path(args.sensitivity) / "sensitivity.safetensors" if args.sensitivity else None
         summary = stage_train(params, args.method, base, Path(args.data), out, resume=not args.no_resume,
-                              sensitivity=sens)
+                              sensitivity=Path(args.sensitivity) if args.sensitivity else None)
         write_json(out / "metrics.json", summary)
     elif args.command == "evaluate":
         summary = stage_evaluate(params, base, Path(args.models), Path(args.data), out)

@@ -41,11 +41,14 @@ def is_main() -> bool:
 
 def select_rows(num_rows: int, step: int, per_step: int, seed: int) -> list[int]:
     """Row indices for ``step``: consecutive slices of a fresh seeded permutation per epoch (resumable by step)."""
+    perms: dict[int, torch.Tensor] = {}  # one permutation per epoch that the step spans
     out = []
     for pos in range(step * per_step, (step + 1) * per_step):
         epoch, idx = divmod(pos, num_rows)
-        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(derive_seed(seed, "rows", epoch)))
-        out.append(int(perm[idx]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(num_rows, generator=torch.Generator().manual_seed(
+                derive_seed(seed, "rows", epoch)))
+        out.append(int(perms[epoch][idx]))
     return out
 
 
