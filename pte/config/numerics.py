@@ -20,9 +20,10 @@ __all__ = ["ISA_ENVIRONMENT", "PINNED_VARIABLES", "NumericsConfig", "derive_seed
 
 
 def derive_seed(seed: int, purpose: str, *parts: object) -> int:
-    """The seed scheme of training and evaluation: the seed of one random draw, a stable hash of the run seed (``base.seed``), what the
-    draw is for (``rows``, ``rollout``, ``eval``) and where it is (step, rank, batch, ...), in ``[0, 2^63)``. Draws
-    for different purposes or places are independent, and each is the same in every process and on every machine."""
+    """The seed scheme of training and evaluation: the seed of one random draw, a stable hash of the run seed
+    (``base.seed``), what the draw is for (``rows``, ``rollout``, ``eval``) and where it is (step, rank, batch, ...),
+    in ``[0, 2^63)``. Draws for different purposes or places are independent, and each is the same in every process
+    and on every machine."""
     key = ":".join(map(str, (seed, purpose, *parts))).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 

@@ -17,9 +17,8 @@ settings refuses it (the base model is named by its path: DVC, not this check, t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import torch
 
