@@ -11,13 +11,12 @@ one the trainer would compute (tested), so the stage changes no result, only the
 
 File (:data:`SENSITIVITY_FILE`): one safetensors file, per weighted step ``s`` the keys ``sensitivity.s`` (``[B, T]``
 float, the step's rows in order, T the longest solution of the step) and ``rows.s`` (``[B]`` int64, the training
-rows); its metadata holds the :func:`fingerprint` of the settings it was computed under, and a trainer with other
-settings refuses it (the base model is named by its path: DVC, not this check, tells whether its weights changed).
+rows). A step's tensor is matched by its rows and shape only: after a change to the base, the cache, the
+micro-batch or the prompt format, recompute the file (DVC does, since the stage lists them).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,8 +24,7 @@ import torch
 from pte.config import Params
 from pte.config.training import eviction_weight
 
-__all__ = ["SENSITIVITY_FILE", "compute_sensitivities", "fingerprint", "load_sensitivities", "step_sensitivity",
-           "weighted_steps"]
+__all__ = ["SENSITIVITY_FILE", "compute_sensitivities", "load_sensitivities", "step_sensitivity", "weighted_steps"]
 
 SENSITIVITY_FILE = "sensitivity.safetensors"
 """The file the sensitivity stage writes in its output directory, and ``pte train --sensitivity DIR`` reads."""
@@ -37,15 +35,6 @@ def weighted_steps(params: Params) -> int:
     if params.cache.is_full:
         return 0
     return sum(1 for step in range(params.train.steps) if eviction_weight(params.train, step) > 0)
-
-
-def fingerprint(params: Params) -> dict[str, object]:
-    """The settings a step's sensitivity depends on besides its rows (which :func:`step_sensitivity` compares): the
-    frozen base (path, dtype, attention), the training cache, how rows are batched and encoded, and where it runs."""
-    m, c, t, d = params.model, params.cache, params.train, params.data
-    return {"model": [str(m.source), m.dtype, m.attn_implementation], "cache": [c.window, c.budget, c.evict_ratio],
-            "micro_batch": t.micro_batch, "prompt": [d.prompt_template, d.system_prompt],
-            "runtime": [t.device, t.precision]}
 
 
 def compute_sensitivities(params: Params, prompts: list[str], problems: list[str], solutions: list[str],
@@ -83,31 +72,21 @@ def compute_sensitivities(params: Params, prompts: list[str], problems: list[str
             tensors[f"sensitivity.{step}"] = sens.cpu().contiguous()
             tensors[f"rows.{step}"] = torch.tensor(rows, dtype=torch.int64)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"fingerprint": json.dumps(fingerprint(params))})
+    save_file(tensors, str(out))
     return {"steps": n, "rows": n * cfg.prompts_per_step}
 
 
-def load_sensitivities(path: str | Path, params: Params) -> dict[int, tuple[list[int], torch.Tensor]]:
-    """``{step: (rows, sensitivity [B, T])}`` from a file of :func:`compute_sensitivities`, for a run of ``params``.
+def load_sensitivities(path: str | Path) -> dict[int, tuple[list[int], torch.Tensor]]:
+    """``{step: (rows, sensitivity [B, T])}`` from a file of :func:`compute_sensitivities`.
 
     Raises:
         FileNotFoundError: no such file (run the sensitivity stage first, or train without it).
-        ValueError: the file was computed under other settings (:func:`fingerprint`).
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no eviction sensitivity file at {str(path)!r}; run the sensitivity stage first "
                                 "(dvc repro sensitivity) or train without --sensitivity.")
-    with safe_open(str(path), "pt") as f:
-        then = json.loads((f.metadata() or {}).get("fingerprint", "null"))
-    now = json.loads(json.dumps(fingerprint(params)))  # tuples as lists, as the file holds them
-    if then != now:
-        diff = {k: (then or {}).get(k) for k in now if (then or {}).get(k) != now[k]}
-        raise ValueError(f"the eviction sensitivity in {str(path)!r} was computed under other settings ({diff}; "
-                         f"this run: { {k: now[k] for k in diff} }); recompute it (dvc repro sensitivity) or train "
-                         "without --sensitivity.")
     tensors = load_file(str(path))
     steps = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("sensitivity."))
     return {s: (tensors[f"rows.{s}"].tolist(), tensors[f"sensitivity.{s}"]) for s in steps}

@@ -106,7 +106,7 @@ class Trainer:
         self.problems, self.solutions = problems, solutions
         self._rows: list[int] = []  # the training rows of the current step (this rank's share)
         # the eviction sensitivity of the weighted steps, computed once by the sensitivity stage (else in the loop)
-        self.sensitivity = {} if sensitivity is None else load_sensitivities(sensitivity, params)
+        self.sensitivity = {} if sensitivity is None else load_sensitivities(sensitivity)
         self.out_dir = Path(out_dir)
         self.reward_fn = reward_fn or reward_function(params.train.grpo, params.data)
         cfg = params.train
