@@ -227,3 +227,18 @@ $V15 --tag d4-EW120-makerun-seed0-before-grpo --methods pte lora_c --trained mod
 $V15 --tag d4-grpo-alone-lr3e-4-15-seed0 --methods lora_c $GR15 --set base.seed=0
 $V15 --tag d4-EW120-then-grpo-lr3e-4-15-seed0 --methods lora_c $GR15 --set base.seed=0 \
    --set train.init_adapter=runs/study/ew120-makerun-seed0-lora_c-adapter  # a copy of models/lora_c/adapter
+# Sixteenth session (results in research/results/varchain-16.jsonl, training curves in
+# research/results/varchain-16-*-train.jsonl), run from a worktree of commit 28bb302, one thread per job:
+# EW120 on half the rows (4 prompts a step instead of 8, the same 120 steps and schedule: half the training cost, the
+# question being whether the 40-minute make run can keep the effect), seeds 0 and 1; then EW120 (the default recipe)
+# on the varying-target task (min_depth 3, `depth_task 3` above) on seed 0 with its LoRA_c twin.
+V16="${V9% --out*} --out research/results/varchain-16.jsonl"
+for seed in 0 1; do
+  $V16 --tag d4-EW120h-p4-seed$seed --methods pte $SFT11 --set train.prompts_per_step=4 --set train.micro_batch=4 \
+     --set base.seed=$seed
+done
+D16="python -m research.study varchain --params runs/study/d3/params.yaml --data runs/study/d3/data --threads 1
+    --out research/results/varchain-16.jsonl"
+for method in pte lora_c; do
+  $D16 --tag d3-EW120-seed0 --methods $method $SFT11 --set base.seed=0
+done
