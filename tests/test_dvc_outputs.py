@@ -163,3 +163,29 @@ def test_lora_adapter_bytes_do_not_depend_on_the_hash_seed(tmp_path):
     names = sorted(p.name for p in dirs[0].iterdir())
     assert names == sorted(p.name for p in dirs[1].iterdir()) and "adapter_config.json" in names
     assert [(dirs[0] / n).read_bytes() for n in names] == [(dirs[1] / n).read_bytes() for n in names]
+
+
+def test_make_run_reruns_a_stage_whose_size_param_changed(tmp_path):
+    """DVC's run cache ignores params named ``size`` (treeverse/dvc#10296), the data sources' key: a plain
+    ``dvc repro`` after a size change restores the earlier output. ``make run``'s ``dvc repro`` flags (read from the
+    Makefile) must rerun the stage instead (docs/pipeline.md)."""
+    recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines()
+                  if line.startswith("\t") and "/dvc repro" in line)
+    flags = recipe.split("/dvc repro", 1)[1].split()
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*cmd):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    (tmp_path / "gen.py").write_text("import yaml\nn = yaml.safe_load(open('params.yaml'))['data'][0]['size']\n"
+                                     "open('out.txt', 'w').write('x' * n)\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gen": {
+        "cmd": f"{sys.executable} gen.py", "deps": ["gen.py"], "params": ["data"], "outs": ["out.txt"]}}}))
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    for size in (2, 5, 2, 5):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": [{"name": "a", "size": size}]}))
+        run(dvc, "repro", *flags)
+        assert len((tmp_path / "out.txt").read_text()) == size
