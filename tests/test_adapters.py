@@ -94,6 +94,17 @@ def test_save_load_roundtrip_and_disable(tmp_path, method):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+def _trained_and_saved(tmp_path, method, pte_cfg):
+    """A tiny model with ``method``'s adapter after one step, saved: ``(tokenizer, its logits, dir, parsed meta)``."""
+    import json
+
+    model, tok = tiny("llama-tiny")
+    model = attach_adapter(model, method, ADAPTER, pte_cfg)
+    _dummy_step(model, tok, steps=1)
+    out = save_adapter(model, tmp_path / "adapter", method, ADAPTER, pte_cfg)
+    return tok, _logits(model, tok), out, json.loads((out / "pte_adapter.json").read_text())
+
+
 def test_adapter_records_its_form_and_one_saved_with_flat_extension_keys_still_loads(tmp_path):
     """The form is in the adapter's meta; an adapter saved before ``pte.extensions`` (its keys flat in ``pte``)
     loads with the same settings, and one trained with a removed setting fails naming the commit that had it."""
@@ -103,12 +114,7 @@ def test_adapter_records_its_form_and_one_saved_with_flat_extension_keys_still_l
 
     ext = PTEConfig(global_tokens=4, use_global_state=False,
                     extensions=PTEExtensions(write="softmax", write_context=2, grad_horizon=8))
-    model, tok = tiny("llama-tiny")
-    model = attach_adapter(model, "pte", ADAPTER, ext)
-    _dummy_step(model, tok, steps=1)
-    trained = _logits(model, tok)
-    out = save_adapter(model, tmp_path / "adapter", "pte", ADAPTER, ext)
-    meta = json.loads((out / "pte_adapter.json").read_text())
+    tok, trained, out, meta = _trained_and_saved(tmp_path, "pte", ext)
     assert meta["form"] == "paper+write=softmax,write_context=2,grad_horizon=8"
     flat = {k: v for k, v in meta["pte"].items() if k != "extensions"}  # the layout of older adapters
     flat.update(write="softmax", write_context=2, gate_horizon=8, write_gate=False, read="linear")
@@ -125,12 +131,7 @@ def test_a_lora_adapter_whose_saved_pte_settings_name_a_removed_setting_still_lo
     """``lora`` never reads ``pte``: its saved settings holding a removed setting (on) do not stop it loading."""
     import json
 
-    model, tok = tiny("llama-tiny")
-    model = attach_adapter(model, "lora", ADAPTER, PTE)
-    _dummy_step(model, tok, steps=1)
-    trained = _logits(model, tok)
-    out = save_adapter(model, tmp_path / "adapter", "lora", ADAPTER, PTE)
-    meta = json.loads((out / "pte_adapter.json").read_text())
+    tok, trained, out, meta = _trained_and_saved(tmp_path, "lora", PTE)
     (out / "pte_adapter.json").write_text(json.dumps({**meta, "pte": {**meta["pte"], "read": "gated"}}))
     loaded, method = load_adapter(tiny("llama-tiny")[0], out)
     assert method == "lora"
