@@ -39,10 +39,8 @@ test-all: install checkov
 	$(BIN)/python -m pytest -q -m ""
 
 # The main job: the default (cpu-demo) pipeline, ending with a registered model in the local MLflow registry.
-# --no-run-cache: DVC's run cache ignores params named `size` (treeverse/dvc#10296), the data sources' key, and
-# would restore an earlier split after a size change (docs/pipeline.md, "What is committed").
 run: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro --no-run-cache
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 # Switch presets without editing files: make preset NAME=smoke
 preset:

@@ -103,7 +103,7 @@ def heldout_rows(params, data_dir: str | Path, size: int) -> tuple[list, list]:
 
     rows = read_jsonl(Path(data_dir) / "train.jsonl")
     seen = {normalize_problem(r.problem) for r in rows}
-    spec = dataclasses.replace(params.data.eval[0], size=size)
+    spec = dataclasses.replace(params.data.eval[0], count=size)
     return rows, [r for r in load_source(spec) if normalize_problem(r.problem) not in seen]
 
 

@@ -27,7 +27,7 @@ p = yaml.safe_load(open("params.yaml"))
 for split in ("train", "eval"):
     for s in p["data"][split]:
         s["kwargs"] = {"min_depth": int(sys.argv[1])}
-p["data"]["train"][0]["size"] = 1024
+p["data"]["train"][0]["count"] = 1024  # the key was `size` until 2026-12-05
 yaml.safe_dump(p, open(f"runs/study/d{sys.argv[1]}/params.yaml", "w"), sort_keys=False)
 PY
   pte data --params runs/study/d$1/params.yaml --out runs/study/d$1/data

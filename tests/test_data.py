@@ -34,17 +34,17 @@ EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 PARAMS_SNIPPET = """
 data:
   train:
-    - {name: "reasoning_gym:chain_sum", size: 64, seed: 0,
+    - {name: "reasoning_gym:chain_sum", count: 64, seed: 0,
        kwargs: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 2}}
-    - {name: "reasoning_gym:basic_arithmetic", size: 16, seed: 0,
+    - {name: "reasoning_gym:basic_arithmetic", count: 16, seed: 0,
        kwargs: {min_terms: 2, max_terms: 2, max_digits: 2, operators: ["+", "-"],
                 allow_parentheses: false, allow_negation: false}}
-    - {name: "reasoning_gym:simple_equations", size: 8, seed: 0}
-    - {name: "reasoning_gym:gsm_symbolic", size: 8, seed: 0}
+    - {name: "reasoning_gym:simple_equations", count: 8, seed: 0}
+    - {name: "reasoning_gym:gsm_symbolic", count: 8, seed: 0}
   eval:
-    - {name: "reasoning_gym:chain_sum", size: 16, seed: 1000003,
+    - {name: "reasoning_gym:chain_sum", count: 16, seed: 1000003,
        kwargs: {min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 2}}
-    - {name: champ, size: 8, seed: 0, kwargs: {numeric_only: true}}
+    - {name: champ, count: 8, seed: 0, kwargs: {numeric_only: true}}
   prompt_template: boxed
   system_prompt: null
   dedupe: true
@@ -61,24 +61,24 @@ def small_cfg(**over) -> DataConfig:
 
 @pytest.mark.parametrize("name", ["gsm_symbolic", "basic_arithmetic", "chain_sum", "simple_equations"])
 def test_reasoning_gym_deterministic(name):
-    spec = SourceSpec(f"reasoning_gym:{name}", size=12, seed=5)
+    spec = SourceSpec(f"reasoning_gym:{name}", count=12, seed=5)
     a, b = load_source(spec), load_source(spec)
     assert a == b and len(a) == 12
     assert len({r.id for r in a}) == 12
     assert a[3].id == f"reasoning_gym:{name}:5:3" and a[3].source == f"reasoning_gym:{name}"
     assert all(isinstance(r.answer, str) and r.answer.strip() and r.problem.strip() for r in a)
-    assert load_source(SourceSpec(spec.name, size=12, seed=6)) != a
+    assert load_source(SourceSpec(spec.name, count=12, seed=6)) != a
 
 
 def test_reasoning_gym_kwargs_pass_through_and_errors():
-    rows = load_source(SourceSpec("reasoning_gym:chain_sum", size=50, seed=0, kwargs=EASY))
+    rows = load_source(SourceSpec("reasoning_gym:chain_sum", count=50, seed=0, kwargs=EASY))
     assert all(r.problem.count("+") + r.problem.count("-") == 1 for r in rows)
     assert all(abs(int(r.answer)) <= 198 for r in rows)
     with pytest.raises(ValueError, match=r"data\.train\[0\]\.kwargs.*allowed keys: .*min_terms"):
-        load_source(SourceSpec("reasoning_gym:chain_sum", size=5, kwargs={"bogus": 1}), "data.train[0]")
+        load_source(SourceSpec("reasoning_gym:chain_sum", count=5, kwargs={"bogus": 1}), "data.train[0]")
     with pytest.raises(ValueError, match="reasoning-gym has no dataset 'nope'.*chain_sum"):
-        load_source(SourceSpec("reasoning_gym:nope", size=5))
-    with pytest.raises(ValueError, match=r"`data\.train\[0\]\.size` is null"):
+        load_source(SourceSpec("reasoning_gym:nope", count=5))
+    with pytest.raises(ValueError, match=r"`data\.train\[0\]\.count` is null"):
         DataConfig(train=(SourceSpec("reasoning_gym:chain_sum"),))
 
 
@@ -89,11 +89,11 @@ def test_champ_270_rows():
     assert all(r.answer.strip() and r.problem.strip() for r in rows)
     numeric = load_source(SourceSpec("champ", kwargs={"numeric_only": True}))
     assert 0 < len(numeric) < 270 and {r.answer for r in numeric} >= {"239", "1/18", "-5"}
-    sub = load_source(SourceSpec("champ", size=10, seed=1))
-    assert sub == load_source(SourceSpec("champ", size=10, seed=1)) != load_source(SourceSpec("champ", size=10))
+    sub = load_source(SourceSpec("champ", count=10, seed=1))
+    assert sub == load_source(SourceSpec("champ", count=10, seed=1)) != load_source(SourceSpec("champ", count=10))
     assert [r.id for r in sub] == [r.id for r in rows if r.id in {s.id for s in sub}]  # dataset order kept
-    with pytest.raises(ValueError, match=r"`data\.eval\[0\]\.size` = 300 but champ has only 270"):
-        load_source(SourceSpec("champ", size=300), "data.eval[0]")
+    with pytest.raises(ValueError, match=r"`data\.eval\[0\]\.count` = 300 but champ has only 270"):
+        load_source(SourceSpec("champ", count=300), "data.eval[0]")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_hub_source_from_local_file(tmp_path, name, ext):
     rows = load_source(SourceSpec(name, local_path=str(path)))
     assert len(rows) == 2 and rows[0] == Row(want_id, name, want_problem, want_answer)
     assert rows[1].id != rows[0].id
-    assert load_source(SourceSpec(name, size=1, seed=0, local_path=str(path)))[0] in rows
+    assert load_source(SourceSpec(name, count=1, seed=0, local_path=str(path)))[0] in rows
 
 
 def test_answer_normalization():
@@ -212,9 +212,11 @@ def test_config_parsing_and_errors():
     plain = json.loads(json.dumps(dataclasses.asdict(cfg)))  # what Params.to_dict() logs
     assert data_config_from_dict(plain) == cfg
     cases = [
-        ({"train": [{"name": "champ", "size": "ten"}]}, r"`data\.train\[0\]\.size` = 'ten' is invalid"),
+        ({"train": [{"name": "champ", "count": "ten"}]}, r"`data\.train\[0\]\.count` = 'ten' is invalid"),
         ({"eval": ["champ", {"name": "champ", "sise": 3}]}, r"unknown key `data\.eval\[1\]\.sise`"),
-        ({"eval": [{"name": "champ", "size": 0}]}, r"`data\.eval\[0\]\.size` = 0 is invalid"),
+        ({"eval": [{"name": "champ", "count": 0}]}, r"`data\.eval\[0\]\.count` = 0 is invalid"),
+        ({"eval": [{"name": "champ", "size": 5}]},  # the old name, which DVC's run cache ignores
+         r"`data\.eval\[0\]\.size` was renamed `data\.eval\[0\]\.count`.*write count: 5"),
         ({"eval": [{"name": "champ", "revision": "v1"}]}, r"`data\.eval\[0\]\.revision` is set but champ"),
         ({"eval": [{"name": "champ", "kwargs": {"numeric": True}}]}, r"unknown key\(s\) \['numeric'\]"),
         ({"eval": [{"name": "math500", "kwargs": {"path": 3}}]}, r"`data\.eval\[0\]\.kwargs\.path` = 3"),
@@ -247,8 +249,8 @@ def test_prompts():
 
 def test_train_and_eval_never_overlap():
     same = {"name": "reasoning_gym:chain_sum", "seed": 0, "kwargs": EASY}
-    cfg = data_config_from_dict({"train": [{**same, "size": 100}, {"name": "champ", "size": 40, "seed": 3}],
-                                 "eval": [{**same, "size": 20}, {"name": "champ", "size": 40, "seed": 4}]})
+    cfg = data_config_from_dict({"train": [{**same, "count": 100}, {"name": "champ", "count": 40, "seed": 3}],
+                                 "eval": [{**same, "count": 20}, {"name": "champ", "count": 40, "seed": 4}]})
     splits = build_splits(cfg)
     train, ev = splits["train"], splits["eval"]
     eval_keys = {normalize_problem(r.problem) for r in ev}
@@ -261,7 +263,7 @@ def test_train_and_eval_never_overlap():
 
 def test_overlap_is_reported_and_dedupe(tmp_path):
     same = {"name": "reasoning_gym:chain_sum", "seed": 0, "kwargs": EASY}
-    cfg = data_config_from_dict({"train": [{**same, "size": 100}], "eval": [{**same, "size": 20}]})
+    cfg = data_config_from_dict({"train": [{**same, "count": 100}], "eval": [{**same, "count": 20}]})
     stats = prepare_data(cfg, tmp_path)
     train, ev = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "eval.jsonl")
     d = stats["dropped"]
@@ -270,18 +272,18 @@ def test_overlap_is_reported_and_dedupe(tmp_path):
     assert stats["train"]["rows"] == len(train) == 100 - d["train_overlapping_eval"] - d["train_duplicates"]
     assert stats["eval"]["per_source"] == {"reasoning_gym:chain_sum": len(ev)}
     assert not {normalize_problem(r.problem) for r in train} & {normalize_problem(r.problem) for r in ev}
-    kept = build_splits(data_config_from_dict({"train": [{**same, "size": 100}], "eval": ["champ"], "dedupe": False}))
+    kept = build_splits(data_config_from_dict({"train": [{**same, "count": 100}], "eval": ["champ"], "dedupe": False}))
     assert len(kept["train"]) == 100
 
 
 def test_warmstart_split_never_holds_eval_or_train_problems(tmp_path):
     # the warm-start sources deliberately repeat the eval and train seeds: those problems must be dropped
     chain = {"name": "var_chain", "kwargs": {"steps": 7}}
-    cfg = data_config_from_dict({"train": [{**chain, "seed": 0, "size": 30}],
-                                 "eval": [{**chain, "seed": 1, "size": 20}],
-                                 "warmstart": [{**chain, "seed": 1, "size": 10}, {**chain, "seed": 0, "size": 10},
-                                               {**chain, "seed": 2, "size": 25},
-                                               {"name": "reasoning_gym:chain_sum", "seed": 5, "size": 10,
+    cfg = data_config_from_dict({"train": [{**chain, "seed": 0, "count": 30}],
+                                 "eval": [{**chain, "seed": 1, "count": 20}],
+                                 "warmstart": [{**chain, "seed": 1, "count": 10}, {**chain, "seed": 0, "count": 10},
+                                               {**chain, "seed": 2, "count": 25},
+                                               {"name": "reasoning_gym:chain_sum", "seed": 5, "count": 10,
                                                 "kwargs": EASY}]})
     stats = prepare_data(cfg, tmp_path)
     splits = {n: read_jsonl(tmp_path / f"{n}.jsonl") for n in ("train", "eval", "warmstart")}
@@ -306,9 +308,9 @@ def test_cpu_demo_eval_problems_never_reach_warmstart_or_training():
 
 
 def test_colliding_ids_are_reported():
-    a = {"name": "reasoning_gym:chain_sum", "seed": 0, "size": 5}
+    a = {"name": "reasoning_gym:chain_sum", "seed": 0, "count": 5}
     cfg = data_config_from_dict({"train": [{**a, "kwargs": EASY}, {**a, "kwargs": {"min_digits": 3}}],
-                                 "eval": [{"name": "champ", "size": 2}]})
+                                 "eval": [{"name": "champ", "count": 2}]})
     with pytest.raises(ValueError, match=r"'reasoning_gym:chain_sum:0:0' at train\[0\], train\[5\].*different seeds"):
         build_splits(cfg)
 

@@ -165,10 +165,15 @@ def test_lora_adapter_bytes_do_not_depend_on_the_hash_seed(tmp_path):
     assert [(dirs[0] / n).read_bytes() for n in names] == [(dirs[1] / n).read_bytes() for n in names]
 
 
-def test_make_run_reruns_a_stage_whose_size_param_changed(tmp_path):
-    """DVC's run cache ignores params named ``size`` (treeverse/dvc#10296), the data sources' key: a plain
-    ``dvc repro`` after a size change restores the earlier output. ``make run``'s ``dvc repro`` flags (read from the
-    Makefile) must rerun the stage instead (docs/pipeline.md)."""
+DVC_DROPPED_PARAMS = {"size", "nfiles"}
+"""Params keys DVC's run-cache key leaves out (treeverse/dvc#10296): a change to one restores the earlier output."""
+
+
+@pytest.mark.parametrize("key, reruns", [("count", True), ("size", False)])
+def test_run_cache_sees_the_data_sources_count_but_not_a_size(tmp_path, key, reruns):
+    """The data sources' row count is ``count``: ``make run``'s ``dvc repro`` (flags read from the Makefile) reruns a
+    stage whose ``count`` changed. The same stage keyed ``size`` reproduces the DVC bug that motivated the name: the
+    run cache restores the earlier output (docs/pipeline.md). If the ``size`` case fails, DVC has fixed the bug."""
     recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines()
                   if line.startswith("\t") and "/dvc repro" in line)
     flags = recipe.split("/dvc repro", 1)[1].split()
@@ -179,13 +184,35 @@ def test_make_run_reruns_a_stage_whose_size_param_changed(tmp_path):
     def run(*cmd):
         subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
 
-    (tmp_path / "gen.py").write_text("import yaml\nn = yaml.safe_load(open('params.yaml'))['data'][0]['size']\n"
+    (tmp_path / "gen.py").write_text(f"import yaml\nn = yaml.safe_load(open('params.yaml'))['data'][0]['{key}']\n"
                                      "open('out.txt', 'w').write('x' * n)\n")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"gen": {
         "cmd": f"{sys.executable} gen.py", "deps": ["gen.py"], "params": ["data"], "outs": ["out.txt"]}}}))
     run("git", "init", "-q")
     run(dvc, "init", "-q")
-    for size in (2, 5, 2, 5):
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": [{"name": "a", "size": size}]}))
+    lengths = []
+    for n in (2, 5, 2):  # the third run has a run-cache entry of its own params (n = 2) and one of n = 5's
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": [{"name": "a", key: n}]}))
         run(dvc, "repro", *flags)
-        assert len((tmp_path / "out.txt").read_text()) == size
+        lengths.append(len((tmp_path / "out.txt").read_text()))
+    assert (lengths == [2, 5, 2]) is reruns, lengths
+
+
+def _keys(obj) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | set().union(*map(_keys, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return set().union(*map(_keys, obj))
+    return set()
+
+
+def test_no_params_key_is_one_the_run_cache_drops():
+    """No preset, ``params.yaml`` or config field (the full resolved params, defaults included) has a key DVC's run
+    cache ignores (``DVC_DROPPED_PARAMS``)."""
+    import dataclasses
+
+    from pte.config import load_params
+
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "presets").glob("*.yaml"))]:
+        assert not _keys(yaml.safe_load(path.read_text())) & DVC_DROPPED_PARAMS, path.name
+        assert not _keys(dataclasses.asdict(load_params(path))) & DVC_DROPPED_PARAMS, path.name

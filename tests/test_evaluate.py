@@ -259,7 +259,7 @@ def test_per_dataset_protocol_on_the_smoke_preset(tmp_path):
     from pte.data.sources import load_source
 
     raw = yaml.safe_load(open("presets/smoke.yaml"))
-    raw["data"]["eval"].append({"name": "var_chain", "size": 2, "seed": 5, "kwargs": {"steps": 5, "min_gap": 2,
+    raw["data"]["eval"].append({"name": "var_chain", "count": 2, "seed": 5, "kwargs": {"steps": 5, "min_gap": 2,
                                                                                       "min_depth": 2}})
     raw["evaluate"].update(methods=["base"], budgets=[None], protocols={"var_chain": {"num_samples": 4,
                                                                                          "pass_k": [1, 4]}})

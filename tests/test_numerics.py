@@ -67,9 +67,9 @@ def _kernel_paths() -> list[str]:
 
 PARAMS = {
     "base": {"seed": 0}, "model": {"source": "random:llama-tiny-wide", "dtype": "float32"},
-    "data": {"train": [{"name": "var_chain", "size": 4, "seed": 0}], "eval": [{"name": "var_chain", "size": 2,
+    "data": {"train": [{"name": "var_chain", "count": 4, "seed": 0}], "eval": [{"name": "var_chain", "count": 2,
                                                                                "seed": 1000003}],
-             "warmstart": [{"name": "var_chain", "size": 8, "seed": 7}]},
+             "warmstart": [{"name": "var_chain", "count": 8, "seed": 7}]},
     "warmstart": {"enabled": True, "epochs": 1, "lr": 0.001, "batch_size": 4},
 }
 

@@ -78,7 +78,7 @@ def test_worked_solution_is_right_and_recalls_values():
 
 
 def test_chain_sum_worked_solution_matches_reasoning_gym():
-    rows = load_source(SourceSpec("reasoning_gym:chain_sum", size=40, seed=0,
+    rows = load_source(SourceSpec("reasoning_gym:chain_sum", count=40, seed=0,
                                   kwargs={"min_terms": 2, "max_terms": 5, "min_digits": 1, "max_digits": 3}))
     for row in rows:
         sol = worked_solution(row.source, row.problem)
@@ -88,14 +88,14 @@ def test_chain_sum_worked_solution_matches_reasoning_gym():
 
 
 def test_var_chain_source_and_settings_errors():
-    rows = load_source(SourceSpec("var_chain", size=3, seed=9, kwargs={"steps": 9}))
+    rows = load_source(SourceSpec("var_chain", count=3, seed=9, kwargs={"steps": 9}))
     assert [r.id for r in rows] == ["var_chain:9:0", "var_chain:9:1", "var_chain:9:2"]
     assert rows[0].problem == var_chain(VarChainConfig(steps=9), 9, 0)[0]
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\].*allowed for var_chain"):
-        load_source(SourceSpec("var_chain", size=3, kwargs={"stepz": 9}))
+        load_source(SourceSpec("var_chain", count=3, kwargs={"stepz": 9}))
     with pytest.raises(ValueError, match="steps = 5 is too few.*steps >= recall \\+ min_gap \\+ min_depth - 1 = 7"):
-        load_source(SourceSpec("var_chain", size=3, kwargs={"steps": 5}))
-    with pytest.raises(ValueError, match="size` is null but var_chain is a generator"):
+        load_source(SourceSpec("var_chain", count=3, kwargs={"steps": 5}))
+    with pytest.raises(ValueError, match="count` is null but var_chain is a generator"):
         load_source(SourceSpec("var_chain"))
     for bad in ({"steps": 27}, {"min_gap": 1}, {"recall": -1}):
         with pytest.raises(ValueError, match="var_chain"):

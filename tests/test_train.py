@@ -196,8 +196,8 @@ train: {steps: STEPS, prompts_per_step: 2, micro_batch: 4, lr: 0.02, save_every:
         rollout: {num_generations: 4, max_completion_length: 24, batch: 8},
         grpo: {reward: char_match, beta: 0.01}}
 data:
-  train: [{name: "reasoning_gym:chain_sum", size: 6, seed: 0}]
-  eval: [{name: "reasoning_gym:chain_sum", size: 2, seed: 1000003}]
+  train: [{name: "reasoning_gym:chain_sum", count: 6, seed: 0}]
+  eval: [{name: "reasoning_gym:chain_sum", count: 2, seed: 1000003}]
 """
 
 

@@ -17,7 +17,7 @@ from pte.training.warmstart import DISABLED_MARKER, resolve_base, sft_examples, 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = DataConfig()
-ROWS = load_source(SourceSpec("var_chain", size=4, seed=7, kwargs={"steps": 7}))
+ROWS = load_source(SourceSpec("var_chain", count=4, seed=7, kwargs={"steps": 7}))
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -101,7 +101,7 @@ class Params:
     def __post_init__(self) -> None:
         if self.warmstart.enabled and not self.data.warmstart:
             raise ValueError("params: `warmstart.enabled` is true but `data.warmstart` lists no source; add one, e.g. "
-                             "{name: var_chain, size: 256, seed: 7}, or set warmstart.enabled: false.")
+                             "{name: var_chain, count: 256, seed: 7}, or set warmstart.enabled: false.")
         unknown = sorted(set(self.evaluate.protocols) - {s.name for s in self.data.eval})
         if unknown:
             raise ValueError(f"params: `evaluate.protocols` names {unknown}, which are not sources of `data.eval` "

@@ -57,14 +57,14 @@ class DataConfig:
     """The ``data:`` section: which problems to train and evaluate on, and how to phrase them."""
 
     train: tuple[SourceSpec, ...] = (
-        SourceSpec("reasoning_gym:chain_sum", size=512, seed=0, kwargs=dict(_EASY)),
-        SourceSpec("reasoning_gym:gsm_symbolic", size=128, seed=0),
+        SourceSpec("reasoning_gym:chain_sum", count=512, seed=0, kwargs=dict(_EASY)),
+        SourceSpec("reasoning_gym:gsm_symbolic", count=128, seed=0),
     )
     """Training sources, concatenated in this order."""
     eval: tuple[SourceSpec, ...] = (
-        SourceSpec("reasoning_gym:chain_sum", size=64, seed=_EVAL_SEED, kwargs=dict(_EASY)),
-        SourceSpec("reasoning_gym:gsm_symbolic", size=32, seed=_EVAL_SEED),
-        SourceSpec("champ", size=32, seed=0, kwargs={"numeric_only": True}),
+        SourceSpec("reasoning_gym:chain_sum", count=64, seed=_EVAL_SEED, kwargs=dict(_EASY)),
+        SourceSpec("reasoning_gym:gsm_symbolic", count=32, seed=_EVAL_SEED),
+        SourceSpec("champ", count=32, seed=0, kwargs={"numeric_only": True}),
     )
     """Held-out evaluation sources; their problems are removed from train."""
     warmstart: tuple[SourceSpec, ...] = ()
@@ -85,7 +85,7 @@ class DataConfig:
             specs = getattr(self, split)
             if not specs and split != "warmstart":
                 raise ValueError(f"params: `data.{split}` is empty; list at least one source, e.g. "
-                                 "{name: champ} or {name: reasoning_gym:chain_sum, size: 100, seed: 0}.")
+                                 "{name: champ} or {name: reasoning_gym:chain_sum, count: 100, seed: 0}.")
             for i, spec in enumerate(specs):
                 if not isinstance(spec, SourceSpec):
                     raise ValueError(f"params: `data.{split}[{i}]` = {spec!r} is invalid; allowed: a SourceSpec.")
@@ -111,7 +111,10 @@ def _spec_from_dict(data: Any, key: str) -> SourceSpec:
         data = {"name": data}
     if not isinstance(data, dict) or "name" not in data:
         raise ValueError(f"params: `{key}` = {data!r} is invalid; allowed: a source name or a mapping with `name` "
-                         "(and size, seed, split, revision, local_path, kwargs).")
+                         "(and count, seed, split, revision, local_path, kwargs).")
+    if "size" in data:  # renamed: DVC's run cache drops params named `size` (treeverse/dvc#10296; docs/pipeline.md)
+        raise ValueError(f"params: `{key}.size` was renamed `{key}.count` (DVC's run cache ignores params named size, "
+                         f"so a changed size restored the old split); write count: {data['size']!r}.")
     kwargs = data.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"params: `{key}.kwargs` = {kwargs!r} is invalid; allowed: a mapping of settings.")
@@ -124,11 +127,11 @@ def _spec_from_dict(data: Any, key: str) -> SourceSpec:
 def data_config_from_dict(data: dict[str, Any] | None, section: str = "data") -> DataConfig:
     """Validate the ``data:`` mapping of ``params.yaml`` and build :class:`DataConfig`.
 
-    ``train``/``eval`` are lists whose entries are a source name or a mapping ``{name, size, seed, split, revision,
+    ``train``/``eval`` are lists whose entries are a source name or a mapping ``{name, count, seed, split, revision,
     local_path, kwargs}``; the other keys are scalars, checked by :func:`pte.config.schema.section_from_dict`.
 
     Raises:
-        ValueError: unknown key or invalid value; the message names it (``data.train[1].size``) and what is allowed.
+        ValueError: unknown key or invalid value; the message names it (``data.train[1].count``) and what is allowed.
     """
     data = {} if data is None else data
     if not isinstance(data, dict):

@@ -123,8 +123,9 @@ class SourceSpec:
 
     name: str
     """``champ``, ``reasoning_gym:<dataset>`` or a key of :data:`HUB_SOURCES`."""
-    size: int | None = None
-    """Rows to take; null = all (required for generators). A subset of a fixed dataset is a seeded sample."""
+    count: int | None = None
+    """Rows to take; null = all (required for generators). A subset of a fixed dataset is a seeded sample. Not named
+    ``size``: DVC's run cache ignores params named ``size`` (treeverse/dvc#10296; docs/pipeline.md)."""
     seed: int = 0
     """Generator seed, or the seed of the subset sample of a fixed dataset."""
     split: str | None = None
@@ -149,10 +150,10 @@ def check_spec(spec: SourceSpec, key: str) -> None:
     if kind is None:
         raise ValueError(f"params: `{key}.name` = {spec.name!r} is not a known data source; known: "
                          f"{known_sources()} (generators e.g. reasoning_gym:chain_sum, reasoning_gym:gsm_symbolic).")
-    if spec.size is not None and spec.size < 1:
-        raise ValueError(f"params: `{key}.size` = {spec.size!r} is invalid; allowed: an integer >= 1, or null for all.")
-    if kind in ("reasoning_gym", "task") and spec.size is None:
-        raise ValueError(f"params: `{key}.size` is null but {spec.name} is a generator; set a number of problems.")
+    if spec.count is not None and spec.count < 1:
+        raise ValueError(f"params: `{key}.count` = {spec.count!r} is invalid; allowed: an integer >= 1, or null for all.")
+    if kind in ("reasoning_gym", "task") and spec.count is None:
+        raise ValueError(f"params: `{key}.count` is null but {spec.name} is a generator; set a number of problems.")
     for opt in ("split", "revision"):
         if kind != "hub" and getattr(spec, opt) is not None:
             raise ValueError(f"params: `{key}.{opt}` is set but {spec.name} is not a hub source; remove it.")
@@ -204,13 +205,13 @@ def _kind(name: str) -> str | None:
 
 
 def _subset(n: int, spec: SourceSpec, key: str, what: str) -> list[int]:
-    """Indices of a fixed dataset to keep: all, or a seeded sample of ``spec.size`` kept in dataset order."""
-    if spec.size is None:
+    """Indices of a fixed dataset to keep: all, or a seeded sample of ``spec.count`` kept in dataset order."""
+    if spec.count is None:
         return list(range(n))
-    if spec.size > n:
-        raise ValueError(f"params: `{key}.size` = {spec.size} but {what} has only {n} rows; "
-                         f"set size to at most {n}, or null for all.")
-    return sorted(random.Random(spec.seed).sample(range(n), spec.size))
+    if spec.count > n:
+        raise ValueError(f"params: `{key}.count` = {spec.count} but {what} has only {n} rows; "
+                         f"set count to at most {n}, or null for all.")
+    return sorted(random.Random(spec.seed).sample(range(n), spec.count))
 
 
 def _answer_text(value: Any) -> str:
@@ -251,10 +252,10 @@ def _reasoning_gym(spec: SourceSpec, key: str) -> list[Row]:
                          f"{sorted(DATASETS)}.")
     settings = [f.name for f in dataclasses.fields(DATASETS[dataset][1]) if f.name not in ("seed", "size")]
     if {"seed", "size"} & set(spec.kwargs):
-        raise ValueError(f"params: `{key}.kwargs` sets seed/size; set `{key}.seed` and `{key}.size` instead.")
+        raise ValueError(f"params: `{key}.kwargs` sets seed/size; set `{key}.seed` and `{key}.count` instead.")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.kwargs.items()}
     try:
-        items = list(reasoning_gym.create_dataset(dataset, size=spec.size, seed=spec.seed, **kwargs))
+        items = list(reasoning_gym.create_dataset(dataset, size=spec.count, seed=spec.seed, **kwargs))
     except (TypeError, ValueError, AssertionError, KeyError, IndexError) as exc:
         raise ValueError(f"params: `{key}.kwargs` = {spec.kwargs!r} is invalid for {spec.name} "
                          f"({type(exc).__name__}: {exc}); allowed keys: {settings}.") from None
@@ -272,9 +273,8 @@ def _task(spec: SourceSpec, key: str) -> list[Row]:
         cfg = settings(**spec.kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"params: `{key}.kwargs` = {spec.kwargs!r} is invalid for {spec.name}: {exc}") from None
-    size = spec.size or 0
     return [_make_row(spec.name, f"{spec.seed}:{i}", *make(cfg, spec.seed, i), f"{spec.name} item {i}")
-            for i in range(size)]
+            for i in range(spec.count or 0)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
