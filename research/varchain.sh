@@ -242,3 +242,18 @@ D16="python -m research.study varchain --params runs/study/d3/params.yaml --data
 for method in pte lora_c; do
   $D16 --tag d3-EW120-seed0 --methods $method $SFT11 --set base.seed=0
 done
+# Seventeenth session (results in research/results/varchain-17.jsonl, training curves in
+# research/results/varchain-17-*-train.jsonl), run from a worktree of commit fc57362, one thread per job, two side
+# by side: EW120 (the default recipe) on seeds 1 and 2 of the current seed scheme, then 15 GRPO steps (GR15 above)
+# from each of their adapters; then EW150 (120 weighted steps, then the 30 plain ones) on the same two seeds.
+V17="${V9% --out*} --out research/results/varchain-17.jsonl"
+for seed in 1 2; do
+  $V17 --tag d4-EW120-seed$seed --methods pte $SFT11 --set base.seed=$seed
+  cp -r runs/study/varchain-pte-d4-EW120-seed$seed/adapter runs/study/ew120-seed$seed-adapter
+  $V17 --tag d4-EW120-then-grpo-lr3e-4-15-seed$seed --methods pte $GR15 --set base.seed=$seed \
+     --set train.init_adapter=runs/study/ew120-seed$seed-adapter
+done
+for seed in 1 2; do
+  $V17 --tag d4-EW150-seed$seed --methods pte $SFT11 --set train.steps=150 --set train.sft.eviction_steps=120 \
+     --set base.seed=$seed
+done
