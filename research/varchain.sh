@@ -257,3 +257,12 @@ for seed in 1 2; do
   $V17 --tag d4-EW150-seed$seed --methods pte $SFT11 --set train.steps=150 --set train.sft.eviction_steps=120 \
      --set base.seed=$seed
 done
+
+# Eighteenth session (results in research/results/varchain-18.jsonl, training curves in
+# research/results/varchain-18-*-train.jsonl), run from a worktree of commit fc57362, one thread per job, two side
+# by side: EW120 at a third of the learning rate (lr 1e-3, the rate at which the mechanism test's softmax write
+# stopped being unstable on the demo model, fifth entry) on the slow seeds of the current scheme.
+V18="${V9% --out*} --out research/results/varchain-18.jsonl"
+for seed in 1 2; do
+  $V18 --tag d4-EW120-lr1e-3-seed$seed --methods pte $SFT11 --set base.seed=$seed --set train.lr=0.001
+done
