@@ -266,3 +266,6 @@ V18="${V9% --out*} --out research/results/varchain-18.jsonl"
 for seed in 1 2; do
   $V18 --tag d4-EW120-lr1e-3-seed$seed --methods pte $SFT11 --set base.seed=$seed --set train.lr=0.001
 done
+# seed 0 at lr 1e-3 is the default pipeline's make run of commit 04e19f7; its adapters on the study's protocol
+# (from the main checkout, after make run):
+$V18 --tag d4-EW120-lr1e-3-makerun-seed0 --methods pte lora_c --trained models
