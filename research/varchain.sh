@@ -268,4 +268,4 @@ for seed in 1 2; do
 done
 # seed 0 at lr 1e-3 is the default pipeline's make run of commit 04e19f7; its adapters on the study's protocol
 # (from the main checkout, after make run):
-$V18 --tag d4-EW120-lr1e-3-makerun-seed0 --methods pte lora_c --trained models
+${V18/--threads 1/--threads 2} --tag d4-EW120-lr1e-3-makerun-seed0 --methods pte lora_c --trained models
