@@ -269,3 +269,15 @@ done
 # seed 0 at lr 1e-3 is the default pipeline's make run of commit 04e19f7; its adapters on the study's protocol
 # (from the main checkout, after make run):
 ${V18/--threads 1/--threads 2} --tag d4-EW120-lr1e-3-makerun-seed0 --methods pte lora_c --trained models
+
+# Nineteenth session (results in research/results/varchain-18.jsonl, training curves in
+# research/results/varchain-18-lora_c-*-train.jsonl), from the same worktree of commit fc57362, one thread per job,
+# two side by side: the LoRA_c twins of seeds 1 and 2 at lr 1e-3, then EW120 at lr 1e-3 on the varying target
+# (runs/study/d3: the study's data with min_depth 3, as in the sixteenth session).
+for seed in 1 2; do
+  $V18 --tag d4-EW120-lr1e-3-seed$seed --methods lora_c $SFT11 --set base.seed=$seed --set train.lr=0.001
+done
+D19="${D16% --out*} --out research/results/varchain-18.jsonl"
+for method in pte lora_c; do
+  $D19 --tag d3-EW120-lr1e-3-seed0 --methods $method $SFT11 --set base.seed=0 --set train.lr=0.001
+done
