@@ -80,3 +80,17 @@ def test_varchain_probe_trains_and_measures_recall(tmp_path, budgets, one_thread
                                tmp_path / "unused", budgets, trained=tmp_path / "models")
         assert {k: again[k] for k in again if k.startswith("tf/")} == {k: out[k] for k in out if k.startswith("tf/")}
         assert not (tmp_path / "unused").exists()
+
+
+def test_recall_by_target_groups_the_varying_target_by_the_asked_variable():
+    from pte.data.sources import Row
+    from pte.data.tasks import VarChainConfig, recalls, var_chain
+    from research.recall_by_target import by_target
+
+    cfg = VarChainConfig(min_depth=3)
+    rows = [Row(id=f"v{i}", source="var_chain", problem=var_chain(cfg, 7, i)[0], answer=var_chain(cfg, 7, i)[1])
+            for i in range(40)]
+    groups = by_target(rows + [Row(id="x", source="other", problem="What is 2+2?", answer="4")])
+    assert set(groups) == {"c", "d"}  # min_depth 3, min_gap 4, 8 statements: the last line recalls c or d
+    assert sum(map(len, groups.values())) == 40  # the row without a recall is left out
+    assert all(recalls(r.problem)[0].variable == v for v, rs in groups.items() for r in rs)

@@ -1,0 +1,77 @@
+"""Teacher-forced recall of trained adapters on the varying-target task, split by the recalled variable.
+
+On ``var_chain`` with ``min_depth: 3`` the last statement recalls ``c`` or ``d``: the state has to carry both values
+and the read has to pick the asked one. If an adapter learned the fixed target's habit (carry ``d``), its recall is
+high on the ``d`` problems and at the twin's level on the ``c`` ones; if it carries both, the two halves move
+together. Same held-out rows and replay as ``python -m research.study varchain`` (:func:`heldout_rows`,
+:func:`teacher_forced_recall`); one JSON line per adapter and target::
+
+    python -m research.recall_by_target --params runs/study/d3/params.yaml --data runs/study/d3/data \\
+        --adapters runs/study/varchain-pte-d3-EW120-lr1e-3-seed0/adapter \\
+                   runs/study/varchain-lora_c-d3-EW120-lr1e-3-seed0/adapter --out research/results/x.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from research.study import heldout_rows, teacher_forced_recall
+
+__all__ = ["by_target", "main"]
+
+
+def by_target(rows: list) -> dict[str, list]:
+    """Held-out rows grouped by the variable their (single) recalling statement recalls; rows with none or several
+    recalls are left out (``var_chain`` with ``recall: 1`` has exactly one)."""
+    from pte.data.tasks import recalls
+
+    groups: dict[str, list] = defaultdict(list)
+    for r in rows:
+        rec = recalls(r.problem)
+        if len(rec) == 1:
+            groups[rec[0].variable].append(r)
+    return dict(sorted(groups.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research.recall_by_target", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", default="models/warmstart")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--adapters", nargs="+", required=True, help="adapter directories (peft format)")
+    parser.add_argument("--eval-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from pte.config import load_params
+    from pte.data.rows import format_prompt
+    from pte.data.tasks import worked_solutions
+    from pte.engine.inference import Generator
+
+    params = load_params(args.params)
+    _, ev = heldout_rows(params, args.data, args.eval_size)
+    groups = by_target(ev)
+    for adapter in args.adapters:
+        gen = Generator.load(args.base, adapter)
+        for target, rows in groups.items():
+            tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in rows],
+                                       [format_prompt(r.problem, params.data) for r in rows],
+                                       worked_solutions(rows, "recall_by_target", "needs var_chain rows"),
+                                       params.cache, params.data.system_prompt)
+            line = {"adapter": adapter, "target": target, "problems": len(rows), **tf}
+            print(json.dumps(line))
+            with Path(args.out).open("a") as f:
+                f.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
