@@ -281,6 +281,9 @@ D19="${D16% --out*} --out research/results/varchain-18.jsonl"
 for method in pte lora_c; do
   $D19 --tag d3-EW120-lr1e-3-seed0 --methods $method $SFT11 --set base.seed=0 --set train.lr=0.001
 done
+for seed in 1 2; do
+  $D19 --tag d3-EW120-lr1e-3-seed$seed --methods pte $SFT11 --set base.seed=$seed --set train.lr=0.001
+done
 # the seed-0 adapters' teacher-forced recall split by the recalled variable (c or d), from the worktree:
 python -m research.recall_by_target --params runs/study/d3/params.yaml --data runs/study/d3/data \
   --adapters runs/study/varchain-pte-d3-EW120-lr1e-3-seed0/adapter runs/study/varchain-lora_c-d3-EW120-lr1e-3-seed0/adapter \
