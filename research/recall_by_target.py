@@ -4,7 +4,7 @@ On ``var_chain`` with ``min_depth: 3`` the last statement recalls ``c`` or ``d``
 and the read has to pick the asked one. If an adapter learned the fixed target's habit (carry ``d``), its recall is
 high on the ``d`` problems and at the twin's level on the ``c`` ones; if it carries both, the two halves move
 together. Same held-out rows and replay as ``python -m research.study varchain`` (:func:`heldout_rows`,
-:func:`teacher_forced_recall`); one JSON line per adapter and target::
+:func:`rows_recall`); one JSON line per adapter and target::
 
     python -m research.recall_by_target --params runs/study/d3/params.yaml --data runs/study/d3/data \\
         --adapters runs/study/varchain-pte-d3-EW120-lr1e-3-seed0/adapter \\
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from research.study import heldout_rows, teacher_forced_recall
+from research.study import heldout_rows, rows_recall
 
 __all__ = ["by_target", "main"]
 
@@ -52,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from pte.config import load_params
-    from pte.data.rows import format_prompt
-    from pte.data.tasks import worked_solutions
     from pte.engine.inference import Generator
 
     params = load_params(args.params)
@@ -62,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for adapter in args.adapters:
         gen = Generator.load(args.base, adapter)
         for target, rows in groups.items():
-            tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in rows],
-                                       [format_prompt(r.problem, params.data) for r in rows],
-                                       worked_solutions(rows, "recall_by_target", "needs var_chain rows"),
-                                       params.cache, params.data.system_prompt)
-            line = {"adapter": adapter, "target": target, "problems": len(rows), **tf}
+            line = {"adapter": adapter, "target": target, "problems": len(rows), **rows_recall(gen, rows, params)}
             print(json.dumps(line))
             with Path(args.out).open("a") as f:
                 f.write(json.dumps(line) + "\n")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["greedy_eval_config", "heldout_rows", "main", "teacher_forced_recall", "varchain_probe"]
+__all__ = ["greedy_eval_config", "heldout_rows", "main", "rows_recall", "teacher_forced_recall", "varchain_probe"]
 
 
 def _tracker(experiment: str, name: str, tags: dict[str, str]):
@@ -95,6 +95,18 @@ def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], s
 _NEEDS = "the probe needs var_chain (or reasoning_gym:chain_sum) rows in data.train and data.eval."
 
 
+def rows_recall(gen, rows: list, params) -> dict[str, float]:
+    """:func:`teacher_forced_recall` of ``gen`` (a loaded :class:`~pte.engine.inference.Generator`) on ``rows``'
+    worked solutions, prompted and cached as ``params`` say."""
+    from pte.data.rows import format_prompt
+    from pte.data.tasks import worked_solutions
+
+    return teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in rows],
+                                 [format_prompt(r.problem, params.data) for r in rows],
+                                 worked_solutions(rows, "varchain probe", _NEEDS), params.cache,
+                                 params.data.system_prompt)
+
+
 def heldout_rows(params, data_dir: str | Path, size: int) -> tuple[list, list]:
     """``(train rows, held-out rows)``: ``data_dir/train.jsonl``, and data.eval's first source regenerated at ``size``
     minus any problem of the train rows (the probe's held-out set)."""
@@ -137,10 +149,7 @@ def varchain_probe(params, method: str, base: str, rows: list, ev: list, out_dir
               solutions=worked_solutions(rows, "varchain probe", _NEEDS))
     seconds = time.perf_counter() - t0
     gen = Generator.load(base, None if method == "base" else str(adapter))
-    tf = teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in ev],
-                               [format_prompt(r.problem, params.data) for r in ev],
-                               worked_solutions(ev, "varchain probe", _NEEDS), params.cache,
-                               params.data.system_prompt)
+    tf = rows_recall(gen, ev, params)
     out = {**tf, "train_seconds": seconds, "eval_problems": len(ev)}
     if not budgets:
         return out

@@ -88,8 +88,7 @@ def test_recall_by_target_groups_the_varying_target_by_the_asked_variable():
     from research.recall_by_target import by_target
 
     cfg = VarChainConfig(min_depth=3)
-    rows = [Row(id=f"v{i}", source="var_chain", problem=var_chain(cfg, 7, i)[0], answer=var_chain(cfg, 7, i)[1])
-            for i in range(40)]
+    rows = [Row(f"v{i}", "var_chain", *var_chain(cfg, 7, i)) for i in range(40)]
     groups = by_target(rows + [Row(id="x", source="other", problem="What is 2+2?", answer="4")])
     assert set(groups) == {"c", "d"}  # min_depth 3, min_gap 4, 8 statements: the last line recalls c or d
     assert sum(map(len, groups.values())) == 40  # the row without a recall is left out
