@@ -231,6 +231,22 @@ def test_verdict_says_when_the_committed_revision_records_no_environment():
     assert "the numeric environment is the committed one" in same
 
 
+def test_verdict_names_each_environment_difference_once_with_every_record_that_shows_it():
+    # another CPU changes the same keys in every stage's record: one line per difference, not one per file
+    from pte.pipeline.verdict import judge
+
+    lock = {"stages": {"warmstart": {"outs": [{"path": "models/warmstart", "md5": "a"}]}}}
+    changed = {"stages": {"warmstart": {"outs": [{"path": "models/warmstart", "md5": "b"}]}}}
+    amd, intel = {"cpu": {"model": "AMD EPYC"}, "threads": 2}, {"cpu": {"model": "Intel(R) Xeon(R)"}, "threads": 2}
+    envs = {"reports/warmstart/environment.json": (amd, intel), "models/pte/environment.json": (amd, intel),
+            "reports/evaluate/environment.json": (amd, {**intel, "threads": 4})}
+    lines = judge(lock, changed, envs, {}, {}).report().splitlines()
+    assert "  cpu.model: committed 'AMD EPYC', here 'Intel(R) Xeon(R)' (in reports/warmstart, models/pte, " \
+           "reports/evaluate)" in lines
+    assert "  threads: committed '2', here '4' (in reports/evaluate)" in lines  # flattened as tags are
+    assert sum("cpu.model" in line for line in lines) == 1
+
+
 def test_one_seed_scheme_is_stable_across_processes_and_separates_draws():
     """``derive_seed`` is the only seed derivation (rows, rollouts, evaluation batches): the same value in a fresh
     process with another hash seed (it does not use Python's ``hash``), and distinct draws for distinct purposes,

@@ -119,9 +119,14 @@ class Verdict:
                              "data or the params, or from a source of nondeterminism that the pinning misses.")
             else:
                 lines.append("the numeric environment differs from the committed one (docs/reproducibility.md):")
+        # One line per difference, naming every record that shows it: another machine changes the same keys in
+        # every stage's environment.json, and a line per file would bury the metrics below.
+        where: dict[tuple[str, str, str], list[str]] = {}
         for name, diff in self.environments.items():
             for key, (old, new) in diff.items():
-                lines.append(f"  {name}: {key}: committed {old!r}, here {new!r}")
+                where.setdefault((key, repr(old), repr(new)), []).append(name.removesuffix("/environment.json"))
+        for (key, old, new), names in where.items():
+            lines.append(f"  {key}: committed {old}, here {new} (in {', '.join(names)})")
         outside = [m for m in self.metrics if not m.inside]
         if self.metrics and self.conclusion != "reproduced":
             lines.append(f"metrics inside the committed 95% bootstrap interval: {len(self.metrics) - len(outside)} of "
