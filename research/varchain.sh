@@ -288,3 +288,15 @@ done
 python -m research.recall_by_target --params runs/study/d3/params.yaml --data runs/study/d3/data \
   --adapters runs/study/varchain-pte-d3-EW120-lr1e-3-seed0/adapter runs/study/varchain-lora_c-d3-EW120-lr1e-3-seed0/adapter \
   --out research/results/recall-by-target-19.jsonl
+
+# Twentieth session (results in research/results/varchain-20.jsonl, training curves in
+# research/results/varchain-20-*-train.jsonl), from the same worktree of commit fc57362, one thread per job: the global
+# state S_g under the default recipe (EW120 at lr 1e-3, seed 0), with the softmax write (on a 2-core AMD EPYC) and in
+# the paper's form in full (S_g and the paper's linear write, G = 8 as the demo; on a 2-core Intel Xeon). A longer
+# weighted phase on the varying target (EW240) and GRPO after the lr 1e-3 adapters were in flight when the machine was
+# restarted, and were lost with its files (research log, twentieth entry).
+V20="${V9% --out*} --out research/results/varchain-20.jsonl"
+$V20 --tag d4-EW120-lr1e-3-Sg-seed0 --methods pte $SFT11 --set base.seed=0 --set train.lr=0.001 \
+   --set pte.use_global_state=true
+$V20 --tag d4-EW120-lr1e-3-paperform-seed0 --methods pte $SFT11 --set base.seed=0 --set train.lr=0.001 \
+   --set pte.use_global_state=true --set pte.extensions.write=linear --set pte.extensions.write_context=1
