@@ -300,3 +300,17 @@ $V20 --tag d4-EW120-lr1e-3-Sg-seed0 --methods pte $SFT11 --set base.seed=0 --set
    --set pte.use_global_state=true
 $V20 --tag d4-EW120-lr1e-3-paperform-seed0 --methods pte $SFT11 --set base.seed=0 --set train.lr=0.001 \
    --set pte.use_global_state=true --set pte.extensions.write=linear --set pte.extensions.write_context=1
+
+# Twenty-first session (results in research/results/varchain-21.jsonl, training curves in
+# research/results/varchain-21-*-train.jsonl), the same worktree of commit fc57362, one thread per job, a 2-core Intel
+# Xeon: the paper's form in full on seeds 1 and 2 (two side by side), so that it covers the three seeds of the default
+# recipe (their LoRA_c twins: the nineteenth session); then, alone, a longer weighted phase on the varying target (EW240:
+# 210 weighted steps, then the 30 plain ones with the decay, seed 0; its LoRA_c twin did not fit the session).
+V21="${V9% --out*} --out research/results/varchain-21.jsonl"
+D21="${D19% --out*} --out research/results/varchain-21.jsonl"
+for seed in 1 2; do
+  $V21 --tag d4-EW120-lr1e-3-paperform-seed$seed --methods pte $SFT11 --set base.seed=$seed --set train.lr=0.001 \
+     --set pte.use_global_state=true --set pte.extensions.write=linear --set pte.extensions.write_context=1 &
+done; wait
+$D21 --tag d3-EW240-lr1e-3-seed0 --methods pte $SFT11 --set base.seed=0 --set train.lr=0.001 --set train.steps=240 \
+   --set train.sft.eviction_steps=210
