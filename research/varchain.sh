@@ -314,3 +314,14 @@ for seed in 1 2; do
 done; wait
 $D21 --tag d3-EW240-lr1e-3-seed0 --methods pte $SFT11 --set base.seed=0 --set train.lr=0.001 --set train.steps=240 \
    --set train.sft.eviction_steps=210
+# The twentieth entry's hypothesis (S_g dominates the normalised state), measured on 64 held-out worked solutions:
+# S_g's norm against the event writes', the state's cosine to S_g and its spread between problems, for trained and
+# fresh adapters (fresh: seeded as training; --init-pte changes the fresh adapter's form). /work/fresh was the fresh
+# clone of 3c9578b whose make run is in research/results/makerun-intel-20-evaluate.json (#Global-0, seed 0).
+S21="python -m research.state_share --out research/results/state-share-21.jsonl"
+P21=runs/study/varchain-pte-d4-EW120-lr1e-3-paperform-seed
+$S21 --adapters /work/fresh/models/pte/adapter --init
+$S21 --adapters /work/fresh/models/pte/adapter --init --init-pte use_global_state=true
+$S21 --adapters ${P21}0/adapter --init
+$S21 --adapters ${P21}0/adapter --init --init-pte use_global_state=false
+$S21 --adapters ${P21}1/adapter ${P21}2/adapter

@@ -93,3 +93,37 @@ def test_recall_by_target_groups_the_varying_target_by_the_asked_variable():
     assert set(groups) == {"c", "d"}  # min_depth 3, min_gap 4, 8 statements: the last line recalls c or d
     assert sum(map(len, groups.values())) == 40  # the row without a recall is left out
     assert all(recalls(r.problem)[0].variable == v for v, rs in groups.items() for r in rs)
+
+
+@pytest.mark.parametrize("use_global_state", [False, True])
+def test_state_share_measures_the_global_states_share_and_the_spread_between_problems(use_global_state, one_thread):
+    """research/state_share.py: identical problems give one state (spread 0), different ones do not; S_g's share is 0
+    without it; the write forms are restored afterwards."""
+    from pte.config import params_from_dict
+    from pte.data.rows import Row
+    from pte.data.tasks import VarChainConfig, var_chain
+    from pte.engine import writes
+    from pte.engine.adapters import attach_adapter
+    from pte.engine.inference import Generator
+    from research.state_share import measure
+
+    rows = [Row(id=f"v{i}", problem=p, answer=a, source="var_chain")
+            for i, (p, a) in enumerate(var_chain(VarChainConfig(steps=5, min_gap=2, min_depth=2), 0, i)
+                                       for i in range(4))]
+    params = params_from_dict({
+        "model": {"source": "random:llama-tiny-wide"}, "cache": {"window": 8}, "adapter": {"rank": 4, "alpha": 8.0},
+        "pte": {"global_tokens": 4, "use_global_state": use_global_state,
+                "extensions": {"write": "softmax", "write_context": 2}}})
+    gen = Generator.load("random:llama-tiny-wide")
+    attach_adapter(gen.model, "pte", params.adapter, params.pte)
+    gen.model.eval()
+    rebuilds = (writes.LinearWrite.rebuild, writes.SoftmaxWrite.rebuild)
+    same = measure(gen.model, gen.tokenizer, [rows[0]] * 4, params)
+    varied = measure(gen.model, gen.tokenizer, rows, params)
+    assert (writes.LinearWrite.rebuild, writes.SoftmaxWrite.rebuild) == rebuilds
+    assert same["segments"] > 0 and same["spread"] == pytest.approx(0.0, abs=1e-5)
+    assert varied["spread"] > 1e-3
+    if use_global_state:
+        assert varied["ratio"] > 0 and -1.0 <= varied["cos_sg"] <= 1.0
+    else:
+        assert varied["ratio"] == 0.0 and "cos_sg" not in varied
