@@ -325,3 +325,9 @@ $S21 --adapters /work/fresh/models/pte/adapter --init --init-pte use_global_stat
 $S21 --adapters ${P21}0/adapter --init
 $S21 --adapters ${P21}0/adapter --init --init-pte use_global_state=false
 $S21 --adapters ${P21}1/adapter ${P21}2/adapter
+# GRPO after the default recipe's adapters (EW120 at lr 1e-3, seed 0: models/pte and models/lora_c of the Intel make run
+# of 3c9578b, copied to runs/study/ew120-lr1e-3-intel-seed0-{pte,lora_c}-adapter), GR15 as in the fifteenth session.
+for method in pte lora_c; do
+  $V21 --tag d4-EW120-lr1e-3-intel-then-grpo-lr3e-4-15-seed0 --methods $method $GR15 --set base.seed=0 \
+     --set train.init_adapter=runs/study/ew120-lr1e-3-intel-seed0-$method-adapter
+done
