@@ -13,7 +13,6 @@ together. Same held-out rows and replay as ``python -m research.study varchain``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from research.study import heldout_rows, rows_recall
+from research.study import adapter_parser, heldout_rows, rows_recall
 
 __all__ = ["by_target", "main"]
 
@@ -40,14 +39,7 @@ def by_target(rows: list) -> dict[str, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m research.recall_by_target", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--base", default="models/warmstart")
-    parser.add_argument("--data", default="data")
-    parser.add_argument("--adapters", nargs="+", required=True, help="adapter directories (peft format)")
-    parser.add_argument("--eval-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+    parser = adapter_parser("python -m research.recall_by_target", __doc__, eval_size=128)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

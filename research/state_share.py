@@ -22,8 +22,7 @@ seeded as training seeds it::
 
 from __future__ import annotations
 
-import argparse
-import json
+import copy
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,19 +66,17 @@ def recording(out: list[dict[str, float]]):
 
 def measure(model, tok, rows: list, params, batch_size: int = 16) -> dict[str, float]:
     """The share statistics of ``model`` (a PTE policy) on ``rows``' worked solutions under ``params.cache``."""
-    from pte.data.rows import format_prompt
-    from pte.data.tasks import worked_solutions
     from pte.engine.cache import plan_cache
     from pte.engine.inference import eos_ids
     from pte.engine.replay import replay_logprobs
     from pte.training.objectives import sft_batch
+    from research.study import rows_inputs
 
     eos = eos_ids(model, tok)[0]
-    prompts = [format_prompt(r.problem, params.data) for r in rows]
-    solutions = worked_solutions(rows, "state share", "needs var_chain rows")
+    problems, prompts, solutions = rows_inputs(rows, params)
     per_batch = []
     for a in range(0, len(rows), batch_size):
-        batch = sft_batch(tok, prompts[a : a + batch_size], [r.problem for r in rows[a : a + batch_size]],
+        batch = sft_batch(tok, prompts[a : a + batch_size], problems[a : a + batch_size],
                           solutions[a : a + batch_size], params.data.system_prompt, eos)
         stats: list[dict[str, float]] = []
         with torch.no_grad(), recording(stats):
@@ -95,68 +92,46 @@ def measure(model, tok, rows: list, params, batch_size: int = 16) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m research.state_share", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--base", default="models/warmstart")
-    parser.add_argument("--data", default="data")
-    parser.add_argument("--adapters", nargs="+", required=True, help="PTE adapter directories")
+    from research.study import _parse_sets, _put, _record, adapter_parser, heldout_rows
+
+    parser = adapter_parser("python -m research.state_share", __doc__, eval_size=64)
     parser.add_argument("--init", action="store_true", help="also a fresh adapter of each form, seeded as training")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the fresh adapters")
     parser.add_argument("--init-pte", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="change the fresh adapters' pte settings, e.g. use_global_state=true (JSON values)")
-    parser.add_argument("--eval-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+                        help="change the fresh adapters' pte settings, e.g. use_global_state=true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from pte.config import AdapterConfig, PTEConfig, load_params, section_from_dict
-    from pte.engine.adapters import attach_adapter, upgrade_pte_meta
+    from pte.engine.adapters import attach_adapter, read_adapter_meta, upgrade_pte_meta
     from pte.engine.inference import Generator
     from pte.training.runtime import seed_everything
-    from research.study import heldout_rows
 
     params = load_params(args.params)
     _, ev = heldout_rows(params, args.data, args.eval_size)
+    changes = _parse_sets(args.init_pte)  # dotted keys into the pte section: extensions.write=softmax
+
+    def fresh(meta: dict, adapter: str):
+        gen = Generator.load(args.base)
+        seed_everything(args.seed)  # as the trainer seeds before attaching (pte.training.train)
+        attach_adapter(gen.model, meta["method"], section_from_dict(AdapterConfig, meta["adapter"], "adapter"),
+                       section_from_dict(PTEConfig, upgrade_pte_meta(meta["pte"], adapter, meta["method"]), "pte"))
+        gen.model.eval()
+        return gen
+
     for adapter in args.adapters:
-        meta = json.loads((Path(adapter) / "pte_adapter.json").read_text())
-        init_meta = json.loads(json.dumps(meta))
-        for item in args.init_pte:  # a dotted key into the pte section: extensions.write=softmax
-            key, value = item.split("=", 1)
-            *parents, leaf = key.split(".")
-            node = init_meta["pte"]
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[leaf] = _value(value)
-        runs = [("trained", lambda adapter=adapter: Generator.load(args.base, adapter))]
+        meta = read_adapter_meta(adapter)
+        runs = [("trained", meta, lambda adapter=adapter: Generator.load(args.base, adapter))]
         if args.init:
-            def fresh(meta=init_meta, adapter=adapter):
-                gen = Generator.load(args.base)
-                seed_everything(args.seed)  # as the trainer seeds before attaching (pte.training.train)
-                attach_adapter(gen.model, meta["method"], section_from_dict(AdapterConfig, meta["adapter"], "adapter"),
-                               section_from_dict(PTEConfig, upgrade_pte_meta(meta["pte"], adapter, meta["method"]),
-                                                 "pte"))
-                gen.model.eval()
-                return gen
-            runs.append(("init", fresh))
-        metas = {"trained": meta, "init": init_meta}
-        for kind, load in runs:
+            init_meta = copy.deepcopy(meta)
+            for key, value in changes.items():
+                _put(init_meta["pte"], key, value)
+            runs.append(("init", init_meta, lambda m=init_meta, adapter=adapter: fresh(m, adapter)))
+        for kind, m, load in runs:
             gen = load()
-            m = metas[kind]
-            line = {"adapter": adapter, "kind": kind, "pte": m["pte"], "problems": len(ev),
-                    **measure(gen.model, gen.tokenizer, ev, params)}
-            print(json.dumps(line), flush=True)
-            with Path(args.out).open("a") as f:
-                f.write(json.dumps(line) + "\n")
+            _record(Path(args.out), {"adapter": adapter, "kind": kind, "pte": m["pte"], "problems": len(ev),
+                                     **measure(gen.model, gen.tokenizer, ev, params)})
     return 0
-
-
-def _value(text: str):
-    """A JSON value (``true``, ``2``), else the text itself (``softmax``)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 if __name__ == "__main__":

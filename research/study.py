@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["greedy_eval_config", "heldout_rows", "main", "rows_recall", "teacher_forced_recall", "varchain_probe"]
+__all__ = ["adapter_parser", "greedy_eval_config", "heldout_rows", "main", "rows_inputs", "rows_recall",
+           "teacher_forced_recall", "varchain_probe"]
 
 
 def _tracker(experiment: str, name: str, tags: dict[str, str]):
@@ -95,16 +96,33 @@ def teacher_forced_recall(model, tok, problems: list[str], prompts: list[str], s
 _NEEDS = "the probe needs var_chain (or reasoning_gym:chain_sum) rows in data.train and data.eval."
 
 
-def rows_recall(gen, rows: list, params) -> dict[str, float]:
-    """:func:`teacher_forced_recall` of ``gen`` (a loaded :class:`~pte.engine.inference.Generator`) on ``rows``'
-    worked solutions, prompted and cached as ``params`` say."""
+def rows_inputs(rows: list, params) -> tuple[list[str], list[str], list[str]]:
+    """``(problems, prompts, worked solutions)`` of ``rows``, prompted as ``params.data`` says."""
     from pte.data.rows import format_prompt
     from pte.data.tasks import worked_solutions
 
-    return teacher_forced_recall(gen.model, gen.tokenizer, [r.problem for r in rows],
-                                 [format_prompt(r.problem, params.data) for r in rows],
-                                 worked_solutions(rows, "varchain probe", _NEEDS), params.cache,
+    return ([r.problem for r in rows], [format_prompt(r.problem, params.data) for r in rows],
+            worked_solutions(rows, "varchain probe", _NEEDS))
+
+
+def rows_recall(gen, rows: list, params) -> dict[str, float]:
+    """:func:`teacher_forced_recall` of ``gen`` (a loaded :class:`~pte.engine.inference.Generator`) on ``rows``'
+    worked solutions, prompted and cached as ``params`` say."""
+    return teacher_forced_recall(gen.model, gen.tokenizer, *rows_inputs(rows, params), params.cache,
                                  params.data.system_prompt)
+
+
+def adapter_parser(prog: str, doc: str, eval_size: int) -> argparse.ArgumentParser:
+    """The command line of a script that measures trained adapters on held-out rows (:func:`heldout_rows`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", default="models/warmstart")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--adapters", nargs="+", required=True, help="adapter directories")
+    parser.add_argument("--eval-size", type=int, default=eval_size)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="JSON-lines results file (appended)")
+    return parser
 
 
 def heldout_rows(params, data_dir: str | Path, size: int) -> tuple[list, list]:
